@@ -15,3 +15,15 @@ def small_fasta() -> Path:
         pytest.fail(f"{path} is missing: tests need the shared dev data beside the checkout "
                     "(or set PLMRUN_SHARED_DATA to the folder holding tests_small.fasta)")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_fasta, tmp_path_factory) -> Path:
+    """Shards of tests_small.fasta made by our own prepare script: 1,800 train, 100 valid, 100 test sequences."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("small_shards")
+    subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(small_fasta), "--out", str(out),
+                    "--name", "small", "--num_valid", "100", "--num_test", "100", "--seed", "0"],
+                   check=True, capture_output=True, text=True)
+    return out
