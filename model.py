@@ -1,0 +1,226 @@
+"""A bidirectional transformer for masked protein language modelling on one packed token buffer.
+
+The batch is a flat buffer of T tokens holding many documents back to back (`doc_ids` says which token belongs to
+which); attention never crosses a document boundary and rotary positions restart at every document. The design
+follows modded-nanogpt: pre-norm RMSNorm without weights, QK-norm, ReLU² MLP, value embeddings, U-Net skips,
+residual mixing with the input embedding and a soft-capped head. Parameters are stored in float32; on CUDA the
+activations run in bfloat16 (weights are cast where they are used), on the CPU everything stays in float32.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
+
+BLOCK = 128  # FlexAttention's block size; the trainer makes T a multiple of it
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int
+    d_model: int
+    n_head: int                 # head_dim = d_model // n_head
+    d_mlp: int
+    n_value_embeds: int = 3     # value-embedding tables; table i feeds layer i and its mirror n_layer - 1 - i
+    vocab_size: int = 33        # the ESM-2 vocabulary
+    rope_base: float = 10000.0
+    logit_softcap: float = 15.0
+
+    def __post_init__(self):
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model {self.d_model} must split into {self.n_head} heads of an even size")
+        if 2 * self.n_value_embeds > self.n_layer:
+            raise ValueError(f"{self.n_value_embeds} value embeddings need at least {2 * self.n_value_embeds} "
+                             f"layers (each feeds a layer and its mirror), got {self.n_layer}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "speedrun": ModelConfig(n_layer=24, d_model=768, n_head=6, d_mlp=2048),
+    "esm2_8m": ModelConfig(n_layer=6, d_model=320, n_head=20, d_mlp=1280, n_value_embeds=2),
+    "esm2_35m": ModelConfig(n_layer=12, d_model=480, n_head=20, d_mlp=1920),
+    "esm2_150m": ModelConfig(n_layer=30, d_model=640, n_head=20, d_mlp=2560),
+    "esm2_650m": ModelConfig(n_layer=33, d_model=1280, n_head=20, d_mlp=5120),
+    "amplify_120m": ModelConfig(n_layer=24, d_model=640, n_head=10, d_mlp=2560),
+    "amplify_350m": ModelConfig(n_layer=32, d_model=960, n_head=15, d_mlp=3840),
+    "tiny": ModelConfig(n_layer=4, d_model=64, n_head=2, d_mlp=128, n_value_embeds=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the attention mask: one definition (document_mask), two forms (a BlockMask on CUDA, a dense mask on the CPU)
+
+def document_mask(doc_ids: torch.Tensor, window: torch.Tensor):
+    """mask_mod: a token sees the tokens of its own document that are fewer than `window` positions away."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & ((q_idx - kv_idx).abs() < window)
+    return mask_mod
+
+
+def block_mask(doc_ids: torch.Tensor, window: torch.Tensor) -> BlockMask:
+    """The BlockMask of document_mask, built from each block's first and last document id.
+
+    create_block_mask would evaluate all T x T entries; this works on (T/128)^2 block pairs and never syncs with
+    the host, so it traces under torch.compile(fullgraph=True). Block pairs whose every entry is visible are
+    "full" (no mask_mod call in the kernel), pairs that may hold a visible entry are "partial".
+    """
+    n = doc_ids.numel() // BLOCK
+    blocks = doc_ids.view(n, BLOCK)
+    first, last = blocks[:, 0], blocks[:, -1]  # ids are non-decreasing: a block holds the documents first..last
+    idx = torch.arange(n, device=doc_ids.device)
+    dist = (idx[:, None] - idx[None, :]).abs()
+    nearest = (dist * BLOCK - BLOCK + 1).clamp(min=0)  # smallest and largest |q - kv| between two blocks
+    farthest = dist * BLOCK + BLOCK - 1
+    share_doc = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    one_doc = share_doc & (first == last)[:, None] & (first == last)[None, :]
+    full = one_doc & (farthest < window)
+    partial = share_doc & (nearest < window) & ~full
+
+    def ordered(m):  # from_kv_blocks wants, per query block, the count and then the indices of its kv blocks
+        counts = m.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], indices[None, None]
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK, document_mask(doc_ids, window))
+
+
+def attend(q, k, v, mask: BlockMask | torch.Tensor) -> torch.Tensor:
+    """Attention over [T, heads, head_dim]. FlexAttention is meant to run compiled (eagerly it materialises the
+    T x T scores); it has no CPU backward, so the CPU uses SDPA with the dense form of the same mask instead."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+    if isinstance(mask, BlockMask):
+        y = flex_attention(q, k, v, block_mask=mask)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y[0].transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(doc_ids: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, 1, head_dim/2] of each token's position inside its own document."""
+    start = torch.searchsorted(doc_ids, doc_ids)  # index of the first token of each token's document
+    pos = torch.arange(doc_ids.numel(), device=doc_ids.device) - start
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_base ** -(torch.arange(half, device=doc_ids.device, dtype=torch.float32) / half)
+    angle = pos[:, None].float() * inv_freq
+    return angle.cos()[:, None].to(dtype), angle.sin()[:, None].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def init_matrix(*shape: int) -> nn.Parameter:
+    fan_in = shape[-1]
+    bound = 3 ** 0.5 * 0.5 / fan_in ** 0.5  # uniform with std 0.5 / sqrt(fan_in), as modded-nanogpt
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, value_embed: bool):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = init_matrix(3, cfg.d_model, cfg.d_model)  # stacked so that Muon orthogonalizes q, k, v apart
+        self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_model))
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
+
+    def forward(self, x, ve, rot, mask):
+        T = x.size(0)
+        qkv = F.linear(x, self.qkv.flatten(0, 1).type_as(x)).view(T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        q, k = apply_rotary(norm(q), *rot), apply_rotary(norm(k), *rot)
+        if ve is not None:
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
+        y = attend(q, k, v, mask).reshape(T, -1)
+        return F.linear(y, self.proj.type_as(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = init_matrix(cfg.d_mlp, cfg.d_model)
+        self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_mlp))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.fc.type_as(x))).square(), self.proj.type_as(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, value_embed: bool):
+        super().__init__()
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # residual stream vs input embedding
+        self.attn = Attention(cfg, value_embed)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, x0, ve, rot, mask):
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(norm(x), ve, rot, mask)
+        return x + self.mlp(norm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, n_ve = cfg.n_layer, cfg.n_value_embeds
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(n_ve))
+        self.blocks = nn.ModuleList(Block(cfg, value_embed=min(i, L - 1 - i) < n_ve) for i in range(L))
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))  # layer L-1-i adds the output of layer i
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.zeros_(self.lm_head.weight)
+
+    def forward(self, input_ids, doc_ids, mask_idx, targets, window):
+        """Mean float32 cross-entropy over targets != -100, or with targets=None the float32 logits [M, vocab]
+        of the positions mask_idx. The LM head runs on those positions only."""
+        T, L = input_ids.numel(), self.cfg.n_layer
+        if T % BLOCK:
+            raise ValueError(f"the token buffer holds {T} tokens; it must be a multiple of {BLOCK} "
+                             "(pad the batch, e.g. by choosing tokens_per_rank as a multiple of 128)")
+        cuda = input_ids.is_cuda
+        dtype = torch.bfloat16 if cuda else torch.float32
+        # built once per forward and shared by every layer
+        mask = block_mask(doc_ids, window) if cuda else create_mask(document_mask(doc_ids, window), None, None,
+                                                                        T, T, device=doc_ids.device)
+        rot = rotary(doc_ids, self.cfg, dtype)
+        x = x0 = norm(self.embed(input_ids).to(dtype))
+        ve = [table(input_ids).to(dtype) for table in self.value_embeds]
+        ve = ve + [None] * (L - 2 * len(ve)) + ve[::-1]
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= L - len(self.skip_weights):
+                x = x + self.skip_weights[L - 1 - i] * skips.pop()
+            x = block(x, x0, ve[i], rot, mask)
+            if i < len(self.skip_weights):
+                skips.append(x)
+        logits = self.lm_head(norm(x[mask_idx].float()))
+        logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, mean_doc_len: float) -> float:
+        """Training FLOPs per token (forward + backward) for model-FLOPs utilisation.
+
+        Matmuls: 6 per weight of the hidden matrices (2 forward, 4 backward); embeddings are lookups and the LM
+        head (33 columns, on the masked positions only) is left out. Attention: q·k and attention·v cost
+        2 * 2 * d_model FLOPs per (query, key) pair forward, times 3 with the backward, over the keys a token
+        sees: with document masking, the length of its document. Pass the token-weighted mean document length
+        (sum of L² / sum of L, the mean number of keys per token); with a sliding window, each L capped by it.
+        """
+        c = self.cfg
+        matrix_params = c.n_layer * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_mlp)
+        return 6 * matrix_params + 12 * c.n_layer * c.d_model * mean_doc_len

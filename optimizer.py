@@ -1,0 +1,153 @@
+"""Muon for the hidden weight matrices, Adam for everything else, and all the gradient communication between ranks.
+
+There is no DDP wrapper: the trainer accumulates local gradients and step() averages them. Muon gradients are
+reduce-scattered so that every rank receives whole matrices, orthogonalizes only its share and all-gathers the
+updated weights; the few small Adam gradients are all-reduced and every rank applies the same Adam update.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# torch 2.13 renamed these two collectives and warns on the old names; torch 2.11 only has the old ones
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def orthogonalize(G: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
+    """Push every singular value of the matrices G[..., :, :] towards 1 (into roughly [0.7, 1.2]) with a quintic
+    Newton-Schulz iteration whose coefficients are tuned for speed rather than convergence (Keller Jordan's Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1, where the iteration converges
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class MuonAdam(torch.optim.Optimizer):
+    """One optimizer over groups of kind "muon" (one group per matrix shape) and "adam"."""
+
+    def __init__(self, param_groups: list[dict]):
+        super().__init__(param_groups, {})
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def share(self, group: dict) -> int:
+        """Matrices per rank in a Muon group, its list padded to a multiple of the world size."""
+        return -(-len(group["params"]) // self.world)
+
+    def owned(self, group: dict) -> list[nn.Parameter]:
+        """The matrices of a Muon group this rank orthogonalizes: the contiguous chunk that reduce_scatter of
+        the stacked gradients hands to it."""
+        return group["params"][self.rank * self.share(group):(self.rank + 1) * self.share(group)]
+
+    def gather_shares(self, group: dict, mine: list[torch.Tensor]) -> torch.Tensor:
+        """Every rank's share of a Muon group stacked in parameter order: [share * world, *shape]."""
+        pad = [torch.zeros_like(group["params"][0])] * (self.share(group) - len(mine))
+        mine = torch.stack(mine + pad)
+        everyone = mine.new_empty(self.world * len(mine), *mine.shape[1:])
+        all_gather(everyone, mine)
+        return everyone
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self.muon_step(group)
+            else:
+                self.adam_step(group)
+
+    def muon_step(self, group: dict):
+        params = group["params"]
+        pad = [torch.zeros_like(params[0])] * (self.share(group) * self.world - len(params))
+        grads = torch.stack([p.grad for p in params] + pad)
+        if self.world > 1:
+            mine = torch.empty_like(grads[:self.share(group)])
+            reduce_scatter(mine, grads)
+            grads = mine / self.world
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        owned = self.owned(group)
+        for p, g in zip(owned, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(g, 1 - momentum)
+            update = orthogonalize(g.lerp_(buf, momentum), torch.bfloat16 if p.is_cuda else torch.float32)
+            p.mul_(1 - lr * wd)
+            p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+        if self.world > 1:
+            for p, new in zip(params, self.gather_shares(group, owned)):
+                p.copy_(new)
+
+    def adam_step(self, group: dict):
+        params = group["params"]
+        if self.world > 1:
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p))
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
+            denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+
+    def state_dict(self) -> dict:
+        """The complete state, the same on every rank: with several ranks each Muon momentum buffer lives on its
+        owner only, so this is a collective that every rank must call."""
+        if self.world > 1:
+            for group in self.param_groups:
+                if group["kind"] == "muon":
+                    self.gather_momentum(group)
+        sd = super().state_dict()
+        self.drop_foreign_momentum()
+        return sd
+
+    def load_state_dict(self, state_dict: dict):
+        super().load_state_dict(state_dict)
+        self.drop_foreign_momentum()
+
+    def gather_momentum(self, group: dict):
+        mine = [self.state[p].get("momentum_buffer", torch.zeros_like(p)) for p in self.owned(group)]
+        for p, buf in zip(group["params"], self.gather_shares(group, mine)):
+            self.state[p].setdefault("momentum_buffer", buf)
+
+    def drop_foreign_momentum(self):
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                owned = set(self.owned(group))
+                for p in group["params"]:
+                    if p not in owned:
+                        self.state.pop(p, None)
+
+
+def build_optimizer(model: nn.Module, muon_lr: float = 0.05, muon_momentum: float = 0.95,
+                    muon_weight_decay: float = 0.0, embed_lr: float = 0.3, head_lr: float = 0.008,
+                    scalar_lr: float = 0.04, betas: tuple[float, float] = (0.8, 0.95),
+                    eps: float = 1e-10) -> MuonAdam:
+    """Muon for the hidden matrices; Adam for the embedding tables, the LM head (model.lm_head) and the scalars.
+    Every group carries 'initial_lr' for the trainer's schedule; Muon groups also carry 'momentum'."""
+    embed = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+    head = list(model.lm_head.parameters())
+    special = {id(p) for p in embed + head}
+    scalars = [p for p in model.parameters() if id(p) not in special and p.ndim < 2]
+    matrices = [p for p in model.parameters() if id(p) not in special and p.ndim >= 2]
+    groups = [dict(kind="adam", params=ps, lr=lr, betas=betas, eps=eps)
+              for ps, lr in ((embed, embed_lr), (head, head_lr), (scalars, scalar_lr)) if ps]
+    for shape in dict.fromkeys(p.shape for p in matrices):  # one group per shape: matrices stack for collectives
+        groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=muon_lr,
+                           momentum=muon_momentum, weight_decay=muon_weight_decay))
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return MuonAdam(groups)
