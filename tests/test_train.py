@@ -1,0 +1,156 @@
+"""The trainer as users run it: flags, a whole tiny run, resume, several processes, failure behaviour."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from train import Hyperparameters
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(data, tmp_path, **overrides) -> Hyperparameters:
+    args = dict(data=str(data), preset="tiny", tokens_per_rank=2048, max_steps=8, val_every=4, log_every=1,
+                num_workers=1, log_dir=str(tmp_path / "logs"), checkpoint_dir=str(tmp_path / "ckpt"), max_len=512,
+                window_start=512)
+    args.update(overrides)
+    return Hyperparameters(**args)
+
+
+def records(log_dir) -> list[dict]:
+    (jsonl,) = Path(log_dir).glob("*.jsonl")
+    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+
+def train_losses(log_dir) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in records(log_dir) if "train_loss" in r}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO / "train.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
+
+
+def as_flags(h: Hyperparameters, **skip) -> list[str]:
+    defaults = Hyperparameters()
+    return [f"--{k}={v}" for k, v in vars(h).items() if v != getattr(defaults, k) and k not in skip]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bad_flags_are_rejected_before_any_work(small_shards):
+    r = run_cli("--data", str(small_shards), "--tokens_per_rank", "1000", "--mask_rate", "1.5", "--preset", "huge")
+    assert r.returncode == 2
+    assert "multiple of 128" in r.stderr and "--mask_rate" in r.stderr and "--preset must be one of" in r.stderr
+    assert run_cli("--data", str(small_shards), "--eval_only").returncode == 2
+
+
+def test_missing_data_names_the_command_that_makes_it(tmp_path):
+    r = run_cli("--data", str(tmp_path / "nowhere"))
+    assert r.returncode == 2
+    assert "python data/prepare.py" in r.stderr and "download_omgprot50.py" in r.stderr
+
+
+def test_a_tiny_run_writes_a_complete_log_and_learns(small_shards, tmp_path):
+    h = tiny(small_shards, tmp_path, max_steps=30, val_every=15, log_every=5, muon_lr=0.02, embed_lr=0.05)
+    final = train.main(h)
+    (log,) = Path(h.log_dir).glob("*.txt")
+    text = log.read_text()
+    for name in train.SOURCE_FILES:  # the log alone is enough to rebuild the code
+        assert f"==> {name} <==\n{(REPO / name).read_text()}" in text
+    assert "hyperparameters: " in text and "git commit:" in text and "data manifest sha256: " in text
+    step_lines = [line for line in text.splitlines() if line.startswith("step:")]
+    assert step_lines[-1].startswith("step:30/30 train_loss:") and " val_loss:" in step_lines[-1]
+    assert all(" train_time:" in line and "ms step_avg:" in line and " tokens_per_sec:" in line for line in step_lines)
+    assert text.rstrip().splitlines()[-1].startswith("no target set; trained 30 steps")
+    recs = records(h.log_dir)
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert vals[-1] < vals[0] < 3.5  # learning, from about ln(25) at the start
+    assert 0 < final["test_loss"] < 3.5 and 0 < final["valid_accuracy"] < 1
+    assert (Path(h.checkpoint_dir) / "step_000030.pt").exists()
+
+
+def test_stops_as_soon_as_the_target_is_reached(small_shards, tmp_path):
+    h = tiny(small_shards, tmp_path, max_steps=20, val_every=2, target_val_loss=10.0)
+    train.main(h)
+    (log,) = Path(h.log_dir).glob("*.txt")
+    assert "target val_loss 10.0 reached at step 2 after" in log.read_text()
+
+
+def test_resume_gives_the_same_losses_as_a_straight_run(small_shards, tmp_path):
+    straight = tiny(small_shards, tmp_path / "a", save_every=4)
+    train.main(straight)
+    resumed = tiny(small_shards, tmp_path / "b", resume=str(Path(straight.checkpoint_dir) / "step_000004.pt"))
+    train.main(resumed)
+    a, b = train_losses(straight.log_dir), train_losses(resumed.log_dir)
+    assert sorted(b) == [5, 6, 7, 8]
+    assert all(a[s] == b[s] for s in b), (a, b)
+
+
+def test_two_processes_follow_the_trajectory_of_one_with_grad_accum(small_shards, tmp_path):
+    one = tiny(small_shards, tmp_path / "one", grad_accum=2, max_steps=6, val_every=3)
+    train.main(one)
+    two = tiny(small_shards, tmp_path / "two", grad_accum=1, max_steps=6, val_every=3)
+    r = torchrun(2, as_flags(two))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = train_losses(one.log_dir), train_losses(two.log_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    # and the frozen validation of the same checkpoint is the same on 1 and 2 processes
+    ckpt = str(Path(two.checkpoint_dir) / "step_000006.pt")
+    e1 = train.main(tiny(small_shards, tmp_path / "e1", eval_only=True, resume=ckpt))
+    e2 = torchrun(2, as_flags(tiny(small_shards, tmp_path / "e2", eval_only=True, resume=ckpt)))
+    assert e2.returncode == 0, e2.stderr[-3000:]
+    (e2_record,) = records(tmp_path / "e2" / "logs")
+    for key in ("valid_loss", "test_loss", "valid_801010_loss", "valid_accuracy"):
+        assert abs(e1[key] - e2_record[key]) < 1e-6, key
+
+
+def test_a_diverged_run_stops_every_rank_and_keeps_its_good_checkpoints(small_shards, tmp_path):
+    """Residual scalars blown up by a huge learning rate overflow the activations within a few steps: the run stops
+    with a clear message on every rank (none hangs in a collective) and no checkpoint holds a non-finite weight."""
+    h = tiny(small_shards, tmp_path, scalar_lr=1e30, max_steps=20, val_every=0, log_every=2, save_every=1)
+    r = torchrun(2, as_flags(h))
+    assert r.returncode != 0
+    assert "non-finite training loss" in r.stderr + r.stdout and "lower learning rate" in r.stderr + r.stdout
+    saved = sorted(Path(h.checkpoint_dir).glob("step_*.pt"))
+    assert saved and all(torch_load_is_finite(p) for p in saved)
+
+
+def torch_load_is_finite(path) -> bool:
+    import torch
+    state = torch.load(path, weights_only=False)["model"]
+    return all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_failed_hub_push_is_only_a_warning(small_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the upload fails at once
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    h = tiny(small_shards, tmp_path, max_steps=2, val_every=0, hf_repo="someone/plmrun-test")
+    train.main(h)
+    (log,) = Path(h.log_dir).glob("*.txt")
+    assert "WARNING: could not push" in log.read_text()
+    assert (Path(h.checkpoint_dir) / "step_000002.pt").exists()
+
+
+def test_wandb_logs_offline_without_an_api_key(small_shards, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    h = tiny(small_shards, tmp_path, max_steps=2, val_every=0, wandb_project="plmrun-test")
+    train.main(h)
+    assert list((Path(h.log_dir) / "wandb").glob("offline-run-*"))

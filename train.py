@@ -1,0 +1,494 @@
+"""plmrun: pretrain a protein masked language model against the wall clock.
+
+    torchrun --standalone --nproc_per_node=N train.py --grad_accum K [--flag value ...]
+    python train.py [--flag value ...]            # one process, GPU if there is one, else CPU
+
+Global batch = N x K x tokens_per_rank tokens. The clock counts training only: compilation and warm-up happen
+before it starts, and it pauses while the frozen validation set is evaluated.
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dataloader import TrainLoader, eval_batches
+from model import PRESETS, Model
+from optimizer import build_optimizer
+
+REPO = Path(__file__).resolve().parent
+SOURCE_FILES = ["train.py", "model.py", "optimizer.py", "dataloader.py"]
+
+
+@dataclass
+class Hyperparameters:
+    # data: a folder made by data/prepare.py or data/download_omgprot50.py
+    data: str = "data/sp2014"
+    tokens_per_rank: int = 65536        # tokens in one micro-batch on one GPU (a multiple of 128)
+    grad_accum: int = 1                 # micro-batches per rank per optimizer step
+    max_len: int = 1024                 # longer training documents are cropped at a random offset
+    mask_rate: float = 0.15
+    mask_scheme: str = "mask"           # "mask" (every selected residue -> <mask>) or "80/10/10"
+    num_workers: int = 4                # loader processes per rank
+    # model
+    preset: str = "speedrun"
+    compile: bool = True                # torch.compile the model (CUDA only)
+    # run length and stopping
+    max_steps: int = 1000
+    max_tokens: int = 0                 # if > 0, also stop after this many training tokens
+    target_val_loss: float = 0.0        # if > 0, stop as soon as the frozen validation loss reaches it
+    val_every: int = 100                # steps between evaluations (0: only at the end)
+    log_every: int = 10                 # steps between train-loss log lines (each one syncs the host)
+    seed: int = 0
+    # optimization: learning rates and the schedule multiplying them
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85   # Muon momentum warms up from this value...
+    muon_momentum_warmup_steps: int = 300  # ...to muon_momentum over these steps
+    muon_weight_decay: float = 0.0
+    embed_lr: float = 0.3
+    head_lr: float = 0.008
+    scalar_lr: float = 0.04
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    warmup_frac: float = 0.02           # linear learning-rate warm-up, fraction of the run
+    cooldown_frac: float = 0.45         # linear decay to zero over the last fraction of the run
+    window_start: int = 1024            # sliding-window size at step 0, grown linearly to max_len by the end
+    # bookkeeping
+    log_dir: str = "logs"
+    save_every: int = 0                 # steps between checkpoints (0: none but the final one)
+    checkpoint_dir: str = "checkpoints"
+    keep_checkpoints: int = 3
+    resume: str = ""                    # checkpoint to continue from (or to evaluate, with --eval_only)
+    eval_only: bool = False
+    wandb_project: str = ""
+    hf_repo: str = ""                   # push the final checkpoint to this Hugging Face model repo
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Hyperparameters):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default)
+    args = Hyperparameters(**vars(parser.parse_args(argv)))
+    problems = check_args(args)
+    if problems:
+        parser.error("\n  " + "\n  ".join(problems))
+    return args
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def check_args(a: Hyperparameters) -> list[str]:
+    """Every flag is checked before any work starts, so a typo never costs a compile."""
+    p = []
+    for name in ("tokens_per_rank", "grad_accum", "max_len", "max_steps", "log_every", "keep_checkpoints",
+                 "window_start"):
+        if getattr(a, name) <= 0:
+            p.append(f"--{name} must be positive, got {getattr(a, name)}")
+    for name in ("max_tokens", "val_every", "save_every", "num_workers", "muon_momentum_warmup_steps"):
+        if getattr(a, name) < 0:
+            p.append(f"--{name} must be >= 0, got {getattr(a, name)}")
+    if a.tokens_per_rank % 128:
+        p.append(f"--tokens_per_rank must be a multiple of 128 (the attention block size), got {a.tokens_per_rank}")
+    if a.tokens_per_rank < a.max_len:
+        p.append(f"--tokens_per_rank ({a.tokens_per_rank}) must hold at least one document of --max_len ({a.max_len})")
+    if not 0 < a.mask_rate < 1:
+        p.append(f"--mask_rate must be in (0, 1), got {a.mask_rate}")
+    if a.mask_scheme not in ("mask", "80/10/10"):
+        p.append(f"--mask_scheme must be 'mask' or '80/10/10', got {a.mask_scheme!r}")
+    if a.preset not in PRESETS:
+        p.append(f"--preset must be one of {', '.join(PRESETS)}, got {a.preset!r}")
+    if not (0 <= a.warmup_frac <= 1 and 0 <= a.cooldown_frac <= 1 and a.warmup_frac + a.cooldown_frac <= 1):
+        p.append("--warmup_frac and --cooldown_frac must lie in [0, 1] and add up to at most 1")
+    if a.target_val_loss < 0:
+        p.append(f"--target_val_loss must be >= 0, got {a.target_val_loss}")
+    if a.eval_only and not a.resume:
+        p.append("--eval_only needs --resume PATH (the checkpoint to evaluate)")
+    if a.resume and not Path(a.resume).is_file():
+        p.append(f"--resume {a.resume}: no such checkpoint file")
+    data = Path(a.data)
+    for split in ("train", "valid", "test"):
+        if not sorted(data.glob(f"*_{split}_*.bin")):
+            p.append(f"--data {data}: no *_{split}_*.bin shards. Make them with e.g.\n"
+                     "    python data/prepare.py --train ../shared/data/sp2014_train.fasta.xz "
+                     "--valid ../shared/data/sp2014_valid.fasta --test ../shared/data/sp2014_test.fasta "
+                     f"--name sp2014 --out {data}\n  or download OMGprot50: python data/download_omgprot50.py --out {data}")
+            break
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedules: functions of the step alone, so a resumed run continues them exactly
+
+def lr_multiplier(step: int, total: int, a: Hyperparameters) -> float:
+    warmup, cooldown = round(a.warmup_frac * total), round(a.cooldown_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < total - cooldown:
+        return 1.0
+    return (total - step) / max(cooldown, 1)
+
+
+def muon_momentum(step: int, a: Hyperparameters) -> float:
+    frac = min(step / a.muon_momentum_warmup_steps, 1.0) if a.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
+
+
+def window_size(step: int, total: int, a: Hyperparameters) -> int:
+    """Sliding-window size in tokens, grown linearly to max_len in multiples of the 128-token attention block."""
+    size = a.window_start + (a.max_len - a.window_start) * step / max(total - 1, 1)
+    return min(128 * math.ceil(size / 128), a.max_len) if a.window_start < a.max_len else a.max_len
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logging: a text log that holds everything needed to reproduce the run, and a JSONL twin for tools
+
+class RunLog:
+    def __init__(self, a: Hyperparameters, master: bool, run_id: str):
+        self.master = master
+        self.wandb = None
+        if not master:
+            return
+        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+        self.txt_path = Path(a.log_dir) / f"{run_id}.txt"
+        self.txt = open(self.txt_path, "w")
+        self.jsonl = open(Path(a.log_dir) / f"{run_id}.jsonl", "w")
+        if a.wandb_project:
+            import wandb  # only when asked for: training never needs it
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.wandb = wandb.init(project=a.wandb_project, name=run_id, config=dataclasses.asdict(a), mode=mode,
+                                    dir=a.log_dir)
+
+    def header(self, text: str):
+        if self.master:
+            self.txt.write(text + "\n")
+            self.txt.flush()
+
+    def line(self, text: str, **record):
+        if not self.master:
+            return
+        print(text, flush=True)
+        self.txt.write(text + "\n")
+        self.txt.flush()
+        if record:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def close(self):
+        if self.master:
+            self.txt.close()
+            self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def environment() -> str:
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = run(["git", "rev-parse", "HEAD"]) or "unknown (not a git checkout)"
+    dirty = bool(run(["git", "status", "--porcelain", "--untracked-files=no"]))
+    gpus = run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+    return "\n".join([
+        f"python: {platform.python_version()}  torch: {torch.__version__}  cuda: {torch.version.cuda}",
+        f"host: {platform.node()}  platform: {platform.platform()}",
+        f"gpus ({len(gpus.splitlines()) if gpus else 0}): " + ("; ".join(gpus.splitlines()) or "none"),
+        f"git commit: {commit}  dirty: {dirty}",
+    ])
+
+
+def manifest_sha256(data_dir: str) -> str:
+    path = Path(data_dir) / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "none (no manifest.json)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: written atomically (temporary name, then rename), the last few kept
+
+def save_checkpoint(path: Path, state: dict, keep: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def rng_states() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict):
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, window: torch.Tensor) -> dict:
+    """Frozen-set metrics: cross-entropy summed over every masked token of the set / their count, over all ranks."""
+    totals = torch.zeros(3, dtype=torch.float64, device=window.device)
+    for b in batches:
+        logits = model(b.input_ids, b.doc_ids, b.mask_idx, None, window)
+        labelled = b.targets != -100
+        loss_sum = F.cross_entropy(logits, b.targets, ignore_index=-100, reduction="sum")
+        correct = ((logits.argmax(-1) == b.targets) & labelled).sum()
+        totals += torch.stack([loss_sum.double(), correct.double(), labelled.sum().double()])
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return {"loss": loss_sum / count, "accuracy": correct / count, "tokens": int(count)}
+
+
+def main(a: Hyperparameters):
+    # ---- processes and devices
+    distributed = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    master = rank == 0
+    run_id = [str(uuid.uuid4()) if master else None]
+    if distributed:
+        dist.broadcast_object_list(run_id)
+    log = RunLog(a, master, run_id[0])
+    global_batch = world * a.grad_accum * a.tokens_per_rank
+    total_steps = a.max_steps if not a.max_tokens else min(a.max_steps, math.ceil(a.max_tokens / global_batch))
+
+    log.header("=" * 100)
+    for name in SOURCE_FILES:
+        log.header(f"==> {name} <==\n{(REPO / name).read_text()}")
+    log.header("=" * 100)
+    log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
+    log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
+    log.header(environment())
+    log.header(f"data manifest sha256: {manifest_sha256(a.data)}")
+
+    # ---- model, optimizer, data
+    torch.manual_seed(a.seed)
+    raw_model = Model(PRESETS[a.preset]).to(device)
+    model = torch.compile(raw_model, dynamic=False, fullgraph=True) if a.compile and device.type == "cuda" else raw_model
+    optimizer_args = dict(muon_lr=a.muon_lr, muon_momentum=a.muon_momentum, muon_weight_decay=a.muon_weight_decay,
+                          embed_lr=a.embed_lr, head_lr=a.head_lr, scalar_lr=a.scalar_lr,
+                          betas=(a.adam_beta1, a.adam_beta2))
+    optimizer = build_optimizer(raw_model, **optimizer_args)
+    shards = {s: sorted(Path(a.data).glob(f"*_{s}_*.bin")) for s in ("train", "valid", "test")}
+    eval_sets = {(split, scheme): [b.to(device) for b in eval_batches(shards[split], a.tokens_per_rank, scheme=scheme,
+                                                                      max_len=a.max_len)[rank::world]]
+                 for split in ("valid", "test") for scheme in ("mask", "80/10/10")}
+    full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
+    log.line(f"model: {a.preset} {raw_model.num_params():,} parameters | global batch {global_batch:,} tokens "
+             f"= {world} ranks x {a.grad_accum} micro-batches x {a.tokens_per_rank:,} | {total_steps} steps | "
+             f"device {device}")
+
+    def run_evals(splits):
+        results = {}
+        for split in splits:
+            for scheme in ("mask", "80/10/10"):
+                r = evaluate(model, eval_sets[split, scheme], full_window)
+                key = split if scheme == "mask" else f"{split}_801010"
+                results[f"{key}_loss"], results[f"{key}_accuracy"] = r["loss"], r["accuracy"]
+        return results
+
+    if a.eval_only:
+        raw_model.load_state_dict(torch.load(a.resume, map_location=device, weights_only=False)["model"])
+        results = run_evals(["valid", "test"])
+        log.line(" ".join(f"{k}:{v:.4f}" for k, v in results.items()), **results)
+        log.close()
+        return results
+
+    loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=rank, world_size=world, seed=a.seed,
+                         max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
+                         num_workers=a.num_workers, pin_memory=device.type == "cuda")
+
+    def train_step(step: int) -> torch.Tensor:
+        """One optimizer step; returns the mean micro-batch loss as a device tensor (no host sync)."""
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier(step, total_steps, a)
+            if "momentum" in group:
+                group["momentum"] = muon_momentum(step, a)
+        window = torch.tensor(window_size(step, total_steps, a), dtype=torch.int32).to(device, non_blocking=True)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(a.grad_accum):
+            b = next(loader).to(device)
+            loss = model(b.input_ids, b.doc_ids, b.mask_idx, b.targets, window)
+            (loss / a.grad_accum).backward()
+            loss_sum += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / a.grad_accum
+
+    # ---- warm-up: compile every shape the run uses on throwaway steps, then restore the initial state
+    t = time.perf_counter()
+    initial = {"model": copy.deepcopy(raw_model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+               "loader": loader.state_dict(), "rng": rng_states()}
+    for step in range(2):
+        train_step(step)
+    evaluate(model, eval_sets["valid", "mask"][:1], full_window)  # every eval batch has this one's shapes
+    raw_model.load_state_dict(initial["model"])
+    optimizer.load_state_dict(initial["optimizer"])
+    loader.load_state_dict(initial["loader"])
+    set_rng_states(initial["rng"])
+    start_step = 0
+    if a.resume:
+        ckpt = torch.load(a.resume, map_location=device, weights_only=False)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["loader"][rank])
+        set_rng_states(ckpt["rng"])
+        start_step = ckpt["step"]
+        log.line(f"resumed from {a.resume} at step {start_step}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    log.line(f"compile and warm-up: {time.perf_counter() - t:.1f}s")
+
+    def checkpoint(step: int):
+        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()] + [loss_acc.isfinite()])
+        if not finite.all().item():  # a diverged state never replaces a good checkpoint
+            raise FloatingPointError(f"non-finite training loss or weights at step {step}; the last good "
+                                     f"checkpoint stays in {a.checkpoint_dir}. Try a lower learning rate.")
+        loader_states = [None] * world
+        if distributed:
+            dist.all_gather_object(loader_states, loader.state_dict())
+        else:
+            loader_states = [loader.state_dict()]
+        optimizer_state = optimizer.state_dict()  # a collective: every rank gathers the Muon momenta
+        if master:
+            save_checkpoint(Path(a.checkpoint_dir) / f"step_{step:06d}.pt",
+                            {"model": raw_model.state_dict(), "optimizer": optimizer_state,
+                             "loader": loader_states, "rng": rng_states(), "step": step,
+                             "hyperparameters": dataclasses.asdict(a), "run_id": run_id[0]},
+                            a.keep_checkpoints)
+
+    # ---- training: the clock runs only here
+    train_ms, reached = 0.0, None
+    loss_acc, loss_steps = torch.zeros((), device=device), 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    step = start_step
+    while True:
+        last = step == total_steps
+        evaluate_now = last or (a.val_every and step % a.val_every == 0 and step > start_step)
+        log_now = evaluate_now or (step > start_step and step % a.log_every == 0)
+        if log_now:
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            record = {"step": step, "train_time_ms": train_ms, "tokens": step * global_batch}
+            text = f"step:{step}/{total_steps}"
+            if loss_steps:
+                train_loss = all_reduce_sum(loss_acc.clone()).item() / (world * loss_steps)
+                if not math.isfinite(train_loss):
+                    log.line(f"stopping: the training loss is {train_loss} at step {step}. The last checkpoint "
+                             f"in {a.checkpoint_dir} (if any) holds the last good state; try a lower learning rate.")
+                    raise FloatingPointError(f"non-finite training loss {train_loss} at step {step}")
+                record["train_loss"] = train_loss
+                text += f" train_loss:{train_loss:.4f}"
+                loss_acc.zero_()
+                loss_steps = 0
+            if evaluate_now:
+                results = run_evals(["valid"])
+                record.update(val_loss=results["valid_loss"], val_loss_801010=results["valid_801010_loss"],
+                              val_accuracy=results["valid_accuracy"])
+                text += f" val_loss:{results['valid_loss']:.4f}"
+                if a.target_val_loss and results["valid_loss"] <= a.target_val_loss:
+                    reached = (step, train_ms)
+            steps_done = step - start_step
+            tokens_per_sec = steps_done * global_batch / (train_ms / 1000) if train_ms else 0.0
+            record.update(step_avg_ms=train_ms / max(steps_done, 1), tokens_per_sec=tokens_per_sec)
+            text += (f" train_time:{train_ms:.0f}ms step_avg:{record['step_avg_ms']:.2f}ms"
+                     f" tokens_per_sec:{tokens_per_sec:.0f}")
+            log.line(text, **record)
+            sync()
+            t0 = time.perf_counter()
+        if last or reached:
+            break
+        loss_acc += train_step(step)
+        loss_steps += 1
+        step += 1
+        if a.save_every and step % a.save_every == 0:
+            checkpoint(step)
+
+    # ---- the end: final test evaluation, summary, final checkpoint
+    final = run_evals(["valid", "test"])
+    if device.type == "cuda":
+        log.line(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                 f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+    log.line(" ".join(f"{k}:{v:.4f}" for k, v in final.items()), **final)
+    if a.target_val_loss:
+        outcome = (f"target val_loss {a.target_val_loss} reached at step {reached[0]} after {reached[1] / 1000:.2f}s "
+                   f"of training ({reached[0] * global_batch:,} tokens)" if reached else
+                   f"target val_loss {a.target_val_loss} NOT reached in {step} steps ({train_ms / 1000:.2f}s)")
+    else:
+        outcome = f"no target set; trained {step} steps in {train_ms / 1000:.2f}s"
+    log.line(outcome, target_reached=bool(reached), final_step=step, train_time_ms=train_ms)
+    checkpoint(step)
+    if master and a.hf_repo:
+        push_to_hub(Path(a.checkpoint_dir) / f"step_{step:06d}.pt", a.hf_repo, log)
+    log.close()
+    loader.close()
+    return final
+
+
+def push_to_hub(path: Path, repo: str, log: RunLog):
+    """A failed upload must never lose a finished run: the checkpoint is already on disk."""
+    try:
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_file(path_or_fileobj=str(path), path_in_repo="model.pt", repo_id=repo)
+        log.line(f"pushed {path} to https://huggingface.co/{repo}")
+    except Exception as e:  # noqa: BLE001 - any failure here is only a warning
+        log.line(f"WARNING: could not push {path} to {repo}: {type(e).__name__}: {e}. The checkpoint stays on disk.")
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except BaseException:
+        # End this process at once: torchrun then stops the other ranks instead of leaving them waiting
+        # in a collective for this one.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
