@@ -337,5 +337,5 @@ def eval_batches(files, tokens_per_batch: int, scheme: str = "mask", mask_rate: 
         mask_idx = np.concatenate([o + d[1] for o, d in zip(offsets, docs[a:b])])
         order = np.argsort(mask_idx)
         raw.append((ids, doc_ids, mask_idx[order], np.concatenate([d[2] for d in docs[a:b]])[order]))
-    m = max(len(r[2]) for r in raw)
-    return [to_batch(*r, m) for r in raw]
+    # mask_idx padded to the batch length: every evaluation set then has one shape, so one compiled graph serves all
+    return [to_batch(*r, tokens_per_batch) for r in raw]

@@ -73,7 +73,7 @@ def test_a_tiny_run_writes_a_complete_log_and_learns(small_shards, tmp_path):
     text = log.read_text()
     for name in train.SOURCE_FILES:  # the log alone is enough to rebuild the code
         assert f"==> {name} <==\n{(REPO / name).read_text()}" in text
-    assert "hyperparameters: " in text and "git commit:" in text and "data manifest sha256: " in text
+    assert "hyperparameters: " in text and "git commit:" in text and "data sha256: " in text
     step_lines = [line for line in text.splitlines() if line.startswith("step:")]
     assert step_lines[-1].startswith("step:30/30 train_loss:") and " val_loss:" in step_lines[-1]
     assert all(" train_time:" in line and "ms step_avg:" in line and " tokens_per_sec:" in line for line in step_lines)
