@@ -26,12 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataloader import TrainLoader, eval_batches
+from dataloader import PAD, TrainLoader, eval_batches
 from model import PRESETS, Model
 from optimizer import build_optimizer
 
 REPO = Path(__file__).resolve().parent
 SOURCE_FILES = ["train.py", "model.py", "optimizer.py", "dataloader.py"]
+PEAK_FLOPS = 989e12  # dense bf16 FLOP/s of one H100 SXM: the denominator of MFU
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Hyperparameters:
     eval_only: bool = False
     wandb_project: str = ""
     hf_repo: str = ""                   # push the final checkpoint to this Hugging Face model repo
+    bench_steps: int = 0                # > 0: after warm-up, time this many steps, profile 3 more, report, stop
 
 
 def parse_args(argv=None) -> Hyperparameters:
@@ -108,7 +110,7 @@ def check_args(a: Hyperparameters) -> list[str]:
                  "window_start"):
         if getattr(a, name) <= 0:
             p.append(f"--{name} must be positive, got {getattr(a, name)}")
-    for name in ("max_tokens", "val_every", "save_every", "num_workers", "muon_momentum_warmup_steps"):
+    for name in ("max_tokens", "val_every", "save_every", "num_workers", "muon_momentum_warmup_steps", "bench_steps"):
         if getattr(a, name) < 0:
             p.append(f"--{name} must be >= 0, got {getattr(a, name)}")
     if a.tokens_per_rank % 128:
@@ -357,7 +359,8 @@ def main(a: Hyperparameters):
             loss = model(b.input_ids, b.doc_ids, b.mask_idx, b.targets, window)
             (loss / a.grad_accum).backward()
             loss_sum += loss.detach()
-        optimizer.step()
+        with torch.profiler.record_function("optimizer"):  # a label for --bench_steps' profile
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / a.grad_accum
 
@@ -384,7 +387,13 @@ def main(a: Hyperparameters):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    log.line(f"compile and warm-up: {time.perf_counter() - t:.1f}s")
+    compile_s = time.perf_counter() - t
+    log.line(f"compile and warm-up: {compile_s:.1f}s")
+    if a.bench_steps:
+        result = benchmark(a, train_step, raw_model, loader, world, compile_s, log)
+        log.close()
+        loader.close()
+        return result
 
     def checkpoint(step: int):
         finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()] + [loss_acc.isfinite()])
@@ -471,6 +480,90 @@ def main(a: Hyperparameters):
     log.close()
     loader.close()
     return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --bench_steps: steady-state throughput, MFU and where the GPU time goes
+
+def benchmark(a: Hyperparameters, train_step, raw_model, loader, world: int, compile_s: float, log: RunLog) -> dict:
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    keys = mean_keys_per_token([next(loader) for _ in range(8)], a.max_len)
+    tokens = world * a.grad_accum * a.tokens_per_rank
+    for step in range(3):  # untimed: the loader's queues and the allocator settle
+        train_step(step)
+    sync()
+    t = time.perf_counter()
+    for step in range(a.bench_steps):
+        train_step(step)
+    sync()
+    step_s = (time.perf_counter() - t) / a.bench_steps
+    flops = raw_model.flops_per_token(keys) * tokens / step_s
+    r = {"preset": a.preset, "world_size": world, "tokens_per_rank": a.tokens_per_rank, "grad_accum": a.grad_accum,
+         "tokens_per_sec": tokens / step_s, "ms_per_step": 1000 * step_s, "mfu": flops / (PEAK_FLOPS * world),
+         "model_tflops_per_gpu": flops / world / 1e12, "mean_keys_per_token": keys, "compile_s": compile_s}
+    text = (f"bench: {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_step']:.1f} ms/step | MFU {100 * r['mfu']:.1f}% "
+            f"({r['model_tflops_per_gpu']:.0f} TFLOP/s per GPU, {keys:.0f} keys per token) | compile {compile_s:.0f}s")
+    if cuda:
+        r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for step in range(3):
+                train_step(step)
+            sync()
+        r["gpu_ms_per_step"], r["top_kernels"] = gpu_time_breakdown(prof, steps=3)
+        gpu_total = sum(r["gpu_ms_per_step"].values())
+        text += f" | peak memory {r['peak_memory_gib']:.1f} GiB\nGPU time per step (profiled):\n" + "\n".join(
+            f"  {k:14s}{v:9.1f} ms {100 * v / gpu_total:5.1f}%" for k, v in r["gpu_ms_per_step"].items())
+        text += "\ntop kernels (ms per step):\n" + "\n".join(f"  {ms:8.1f}  {cat:13s} {name}"
+                                                          for name, cat, ms in r["top_kernels"])
+    log.line(text, **r)
+    return r
+
+
+def mean_keys_per_token(batches: list, window: int) -> float:
+    """sum(L * min(L, window)) / sum(L) over the batches' documents (the <pad> tail left out): the keys a token
+    attends to on average, the attention term of Model.flops_per_token."""
+    lengths = torch.cat([torch.bincount(b.doc_ids[b.input_ids != PAD].long()) for b in batches]).double()
+    lengths = lengths[lengths > 0]
+    return float((lengths * lengths.clamp(max=window)).sum() / lengths.sum())
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if "nccl" in n:
+        return "communication"
+    if "flex" in n or "triton_tem" in n:  # FlexAttention's kernels are inductor templates
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "gemv")):
+        return "matmul"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    return "element-wise"
+
+
+def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list]:
+    """GPU milliseconds per step by kind of work (kernels launched inside the optimizer step count as optimizer,
+    except communication), idle = the gaps between the first and the last kernel that no kernel covers; and the
+    costliest kernels."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    optimizer_spans = [e.time_range for e in events if e.is_user_annotation and e.name == "optimizer"]
+    kernels = sorted((e for e in events if not e.is_user_annotation), key=lambda e: e.time_range.start)
+    ms = dict.fromkeys(["matmul", "attention", "element-wise", "optimizer", "communication", "copy", "idle"], 0.0)
+    by_name = {}
+    busy, busy_until = 0.0, kernels[0].time_range.start
+    for k in kernels:
+        r = k.time_range
+        category = kernel_category(k.name)
+        if category != "communication" and any(s.start <= r.start < s.end for s in optimizer_spans):
+            category = "optimizer"
+        ms[category] += r.elapsed_us() / 1000 / steps
+        by_name[k.name, category] = by_name.get((k.name, category), 0.0) + r.elapsed_us() / 1000 / steps
+        busy += max(0.0, r.end - max(r.start, busy_until))
+        busy_until = max(busy_until, r.end)
+    ms["idle"] = (busy_until - kernels[0].time_range.start - busy) / 1000 / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return ms, [(name[:100], category, t) for (name, category), t in top]
 
 
 def push_to_hub(path: Path, repo: str, log: RunLog):

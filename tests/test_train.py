@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from train import Hyperparameters
@@ -133,7 +134,6 @@ def test_a_diverged_run_stops_every_rank_and_keeps_its_good_checkpoints(small_sh
 
 
 def torch_load_is_finite(path) -> bool:
-    import torch
     state = torch.load(path, weights_only=False)["model"]
     return all(torch.isfinite(t).all() for t in state.values())
 
@@ -154,3 +154,21 @@ def test_wandb_logs_offline_without_an_api_key(small_shards, tmp_path, monkeypat
     h = tiny(small_shards, tmp_path, max_steps=2, val_every=0, wandb_project="plmrun-test")
     train.main(h)
     assert list((Path(h.log_dir) / "wandb").glob("offline-run-*"))
+
+
+def test_bench_reports_throughput_and_mfu(small_shards, tmp_path):
+    h = tiny(small_shards, tmp_path, bench_steps=2, max_steps=100)
+    r = train.main(h)
+    assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and 0 < r["mfu"] < 1
+    assert 1 < r["mean_keys_per_token"] <= h.max_len
+    (log,) = Path(h.log_dir).glob("*.txt")
+    assert "bench: " in log.read_text() and not list(Path(h.checkpoint_dir).glob("*.pt"))  # it stops, trains nothing
+
+
+def test_mean_keys_per_token_counts_documents_not_padding():
+    from dataloader import Batch
+    ids = torch.tensor([0, 5, 2, 0, 5, 5, 2, 1, 1], dtype=torch.int32)  # documents of 3 and 4 tokens, 2 <pad>
+    doc_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2], dtype=torch.int32)
+    b = Batch(ids, doc_ids, None, None)
+    assert train.mean_keys_per_token([b], 1024) == pytest.approx((3 * 3 + 4 * 4) / 7)
+    assert train.mean_keys_per_token([b, b], 2) == pytest.approx((3 * 2 + 4 * 2) / 7)  # capped by the window
