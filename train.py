@@ -311,7 +311,7 @@ def main(a: Hyperparameters):
 
     # ---- model, optimizer, data
     torch.manual_seed(a.seed)
-    raw_model = Model(PRESETS[a.preset]).to(device)
+    raw_model = Model(dataclasses.replace(PRESETS[a.preset], max_len=a.max_len)).to(device)
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if a.compile and device.type == "cuda" else raw_model
     optimizer_args = dict(muon_lr=a.muon_lr, muon_momentum=a.muon_momentum, muon_weight_decay=a.muon_weight_decay,
                           embed_lr=a.embed_lr, head_lr=a.head_lr, scalar_lr=a.scalar_lr,
