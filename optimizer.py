@@ -71,15 +71,15 @@ class MuonAdam(torch.optim.Optimizer):
             grads = mine / self.world
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         owned = self.owned(group)
-        for p, g in zip(owned, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(g, 1 - momentum)
-            update = orthogonalize(g.lerp_(buf, momentum), torch.bfloat16 if p.is_cuda else torch.float32)
-            p.mul_(1 - lr * wd)
-            p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+        if owned:  # all of this rank's matrices of the group at once: a few large kernels instead of many small ones
+            grads = grads[:len(owned)]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in owned]
+            torch._foreach_lerp_(bufs, list(grads), 1 - momentum)
+            updates = orthogonalize(grads.lerp_(torch.stack(bufs), momentum),  # Nesterov
+                                    torch.bfloat16 if grads.is_cuda else torch.float32)
+            p = owned[0]
+            torch._foreach_mul_(owned, 1 - lr * wd)
+            torch._foreach_add_(owned, list(updates.to(p.dtype)), alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
         if self.world > 1:
             for p, new in zip(params, self.gather_shares(group, owned)):
                 p.copy_(new)
