@@ -75,7 +75,7 @@ def documents(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Batch(NamedTuple):
     input_ids: torch.Tensor  # int32 [T], tokens after masking
-    doc_ids: torch.Tensor    # int32 [T], non-decreasing; equal ids = one document piece (<pad> tail has its own)
+    doc_ids: torch.Tensor    # int32 [T], non-decreasing; equal ids = one document piece (each <pad> its own)
     mask_idx: torch.Tensor   # int64 [M], positions to predict; padding slots point at position 0
     targets: torch.Tensor    # int64 [M], original tokens at mask_idx; -100 on padding slots
 
@@ -101,11 +101,13 @@ def pack(lengths: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def assemble(pieces: list, lengths: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token and doc-id buffers of `tokens` entries holding the pieces back to back, the tail <pad> with its own id."""
+    """Token and doc-id buffers of `tokens` entries holding the pieces back to back. Each <pad> of the tail is a
+    document of its own: it attends to itself alone, so padding costs no attention and never has a position past 0
+    (a last evaluation batch can be mostly padding)."""
     ids = np.full(tokens, PAD, dtype=np.int32)
     used = int(lengths.sum())
     ids[:used] = np.concatenate(pieces) if pieces else []
-    doc_ids = np.full(tokens, len(lengths), dtype=np.int32)
+    doc_ids = np.arange(len(lengths) - used, len(lengths) - used + tokens, dtype=np.int32)
     doc_ids[:used] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     return ids, doc_ids
 

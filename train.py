@@ -546,17 +546,21 @@ def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list]:
     """GPU milliseconds per step by kind of work (kernels launched inside the optimizer step count as optimizer,
     except communication), idle = the gaps between the first and the last kernel that no kernel covers; and the
     costliest kernels."""
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    # record_function("optimizer") also appears on the GPU timeline, as a span over the kernels launched inside it
-    optimizer_spans = [e.time_range for e in events if e.name == "optimizer"]
-    kernels = sorted((e for e in events if e.name != "optimizer"), key=lambda e: e.time_range.start)
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = prof.events()
+    # a kernel belongs to the optimizer if the host launched it inside record_function("optimizer")
+    spans = [e.time_range for e in events if e.device_type == cpu and e.name == "optimizer"]
+    in_optimizer = {e.id for e in events if e.device_type == cpu and any(s.start <= e.time_range.start < s.end
+                                                                         for s in spans)}
+    kernels = sorted((e for e in events if e.device_type == cuda and e.name != "optimizer"),  # not the GPU span
+                     key=lambda e: e.time_range.start)
     ms = dict.fromkeys(["matmul", "attention", "element-wise", "optimizer", "communication", "copy", "idle"], 0.0)
     by_name = {}
     busy, busy_until = 0.0, kernels[0].time_range.start
     for k in kernels:
         r = k.time_range
         category = kernel_category(k.name)
-        if category != "communication" and any(s.start <= r.start < s.end for s in optimizer_spans):
+        if category != "communication" and k.linked_correlation_id in in_optimizer:
             category = "optimizer"
         ms[category] += r.elapsed_us() / 1000 / steps
         by_name[k.name, category] = by_name.get((k.name, category), 0.0) + r.elapsed_us() / 1000 / steps

@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "data"))
 import prepare  # noqa: E402
 from dataloader import (CLS, EOS, MASK, PAD, UNK, VOCAB, TrainLoader, documents, eval_batches, read_shard,  # noqa: E402
                         write_shard)
+from model import positions  # noqa: E402
 
 
 def shards(folder, split):
@@ -210,8 +211,8 @@ def test_documents_never_straddle_unmarked(small_shards):
                 ids, doc_ids = originals(b).numpy().astype(np.uint8), b.doc_ids.numpy()
                 assert (np.diff(doc_ids) >= 0).all()
                 segments = np.split(ids, np.flatnonzero(np.diff(doc_ids)) + 1)
-                if ids[-1] == PAD:
-                    assert (segments.pop() == PAD).all()
+                while segments[-1][0] == PAD:  # the padding tail: one <pad> per document
+                    assert len(segments.pop()) == 1
                 for s in segments:
                     assert 0 < len(s) <= max_len and PAD not in s
                     assert CLS not in s[1:] and EOS not in s[:-1]  # a piece is whole only if it has both ends
@@ -283,6 +284,16 @@ def per_sequence_masks(batches):
             mine = (idx >= where[0]) & (idx <= where[-1])
             out.append((ids[where].tobytes(), (idx[mine] - where[0]).tolist(), tgt[mine].tolist()))
     return out
+
+
+def test_positions_stay_inside_max_len_also_in_padding(small_shards):
+    """The model's rotary tables cover positions < max_len: documents are cropped to it and a long <pad> tail (the
+    last evaluation batch is mostly padding) must not count up past it."""
+    batches = eval_batches(shards(small_shards, "valid"), 8192, max_len=256)
+    with TrainLoader(shards(small_shards, "train"), 8192, max_len=256, num_workers=0) as loader:
+        batches += take(loader, 20)
+    assert (batches[-21].input_ids == PAD).sum() > 256  # the last evaluation batch has a long tail
+    assert all(int(positions(b.doc_ids).max()) < 256 for b in batches)
 
 
 def test_eval_masks_are_frozen(small_shards):
