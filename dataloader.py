@@ -5,6 +5,7 @@ count, zeros) followed by one uint8 per token: documents `<cls> residues <eos>` 
 public Synthyra/omg_prot50_packed files).
 """
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -35,6 +36,13 @@ def write_shard(path, tokens) -> str:
         f.write(data)
     os.replace(tmp, path)
     return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(folder, manifest: dict) -> None:
+    """A shard folder's manifest.json, written like a shard: under a temporary name, then renamed."""
+    tmp = Path(folder) / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, Path(folder) / "manifest.json")
 
 
 def shard_tokens(path) -> int:

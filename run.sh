@@ -18,4 +18,4 @@ if [ "$NGPU" -lt 1 ] || [ $((MICRO_BATCHES % NGPU)) -ne 0 ]; then
     exit 1
 fi
 exec torchrun --standalone --nproc_per_node="$NGPU" train.py --data "$DATA" --tokens_per_rank 65536 \
-    --grad_accum $((MICRO_BATCHES / NGPU)) --target_val_loss 2.78 "$@"
+    --grad_accum $((MICRO_BATCHES / NGPU)) --max_steps 200 --val_every 10 --target_val_loss 2.78 "$@"

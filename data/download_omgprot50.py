@@ -14,13 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
-import json
 import os
 import re
 import shlex
 import shutil
 
-from dataloader import shard_tokens
+from dataloader import shard_tokens, write_manifest
 
 REPO = "Synthyra/omg_prot50_packed"
 SHARD = re.compile(r"(?P<prefix>.+)_(?P<split>train|val|valid|test)_(?P<index>\d{6})\.bin")
@@ -88,9 +87,7 @@ def main(argv=None):
     shutil.rmtree(args.out / ".download", ignore_errors=True)  # partial downloads kept for resuming; all done now
     manifest = {"source": {"hf_repo": args.repo}, "command": shlex.join(["python"] + sys.argv),
                 "splits": {s: {"tokens": sum(f["tokens"] for f in v), "shards": v} for s, v in splits.items()}}
-    tmp = args.out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, args.out / "manifest.json")
+    write_manifest(args.out, manifest)
     print(f"{args.out}: " + ", ".join(f"{s} {len(v['shards'])} shards / {v['tokens']:,} tokens"
                                       for s, v in manifest["splits"].items()))
     return manifest

@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import collections
 import gzip
-import json
 import lzma
 import multiprocessing
 import os
@@ -24,7 +23,7 @@ import time
 
 import numpy as np
 
-from dataloader import CLS, EOS, UNK, VOCAB, write_shard
+from dataloader import CLS, EOS, UNK, VOCAB, write_manifest, write_shard
 
 SPLITS = ("train", "valid", "test")
 READ_BYTES = 8 << 20  # FASTA is cut into blocks of whole records of about this size, one job each
@@ -294,9 +293,7 @@ def main(argv=None):
         w.flush()
     manifest = {"name": args.name, "source": source, "splits": {s: w.summary() for s, w in writers.items()},
                 "unknown_characters": unknown, "command": shlex.join(["python"] + sys.argv)}
-    tmp = args.out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, args.out / "manifest.json")
+    write_manifest(args.out, manifest)
     counts = ", ".join(f"{s} {w.sequences:,} sequences / {w.summary()['tokens']:,} tokens in {len(w.shards)} shards"
                        for s, w in writers.items())
     print(f"{args.out}: {counts}; {unknown:,} unknown characters -> <unk>; {time.time() - progress.start:.1f} s")

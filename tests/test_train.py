@@ -1,6 +1,5 @@
 """The trainer as users run it: flags, a whole tiny run, resume, several processes, failure behaviour."""
 import json
-import os
 import socket
 import subprocess
 import sys
