@@ -47,8 +47,8 @@ class MuonAdam(torch.optim.Optimizer):
 
     def gather_shares(self, group: dict, mine: list[torch.Tensor]) -> torch.Tensor:
         """Every rank's share of a Muon group stacked in parameter order: [share * world, *shape]."""
-        pad = [torch.zeros_like(group["params"][0])] * (self.share(group) - len(mine))
-        mine = torch.stack(mine + pad)
+        missing = self.share(group) - len(mine)
+        mine = torch.stack(mine + ([torch.zeros_like(group["params"][0])] * missing if missing else []))
         everyone = mine.new_empty(self.world * len(mine), *mine.shape[1:])
         all_gather(everyone, mine)
         return everyone
@@ -63,8 +63,8 @@ class MuonAdam(torch.optim.Optimizer):
 
     def muon_step(self, group: dict):
         params = group["params"]
-        pad = [torch.zeros_like(params[0])] * (self.share(group) * self.world - len(params))
-        grads = torch.stack([p.grad for p in params] + pad)
+        missing = self.share(group) * self.world - len(params)
+        grads = torch.stack([p.grad for p in params] + ([torch.zeros_like(params[0])] * missing if missing else []))
         if self.world > 1:
             mine = torch.empty_like(grads[:self.share(group)])
             reduce_scatter(mine, grads)
@@ -73,7 +73,10 @@ class MuonAdam(torch.optim.Optimizer):
         owned = self.owned(group)
         if owned:  # all of this rank's matrices of the group at once: a few large kernels instead of many small ones
             grads = grads[:len(owned)]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in owned]
+            for p in owned:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in owned]
             torch._foreach_lerp_(bufs, list(grads), 1 - momentum)
             updates = orthogonalize(grads.lerp_(torch.stack(bufs), momentum),  # Nesterov
                                     torch.bfloat16 if grads.is_cuda else torch.float32)

@@ -346,13 +346,17 @@ def main(a: Hyperparameters):
                          max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
                          num_workers=a.num_workers, pin_memory=device.type == "cuda")
 
+    # every window size the run uses, on the device up front: a per-step copy from pageable host memory would sync
+    windows = {w: torch.tensor(w, dtype=torch.int32, device=device)
+               for w in {window_size(s, total_steps, a) for s in range(total_steps + 1)}}
+
     def train_step(step: int) -> torch.Tensor:
         """One optimizer step; returns the mean micro-batch loss as a device tensor (no host sync)."""
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier(step, total_steps, a)
             if "momentum" in group:
                 group["momentum"] = muon_momentum(step, a)
-        window = torch.tensor(window_size(step, total_steps, a), dtype=torch.int32).to(device, non_blocking=True)
+        window = windows[window_size(step, total_steps, a)]
         loss_sum = torch.zeros((), device=device)
         for _ in range(a.grad_accum):
             b = next(loader).to(device)
@@ -374,15 +378,17 @@ def main(a: Hyperparameters):
     optimizer.load_state_dict(initial["optimizer"])
     loader.load_state_dict(initial["loader"])
     set_rng_states(initial["rng"])
-    start_step = 0
+    # the clock, and the training loss summed over all ranks since the last log line: kept in checkpoints
+    start_step, train_ms, pending_loss, loss_steps = 0, 0.0, 0.0, 0
     if a.resume:
-        ckpt = torch.load(a.resume, map_location=device, weights_only=False)
+        ckpt = torch.load(a.resume, map_location="cpu", weights_only=False)  # load_state_dict moves what it loads
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["loader"][rank])
         set_rng_states(ckpt["rng"])
-        start_step = ckpt["step"]
-        log.line(f"resumed from {a.resume} at step {start_step}")
+        start_step, train_ms, loss_steps = ckpt["step"], ckpt["train_ms"], ckpt["loss_steps"]
+        pending_loss = ckpt["pending_loss"] if master else 0.0  # all-reduced at the next log line
+        log.line(f"resumed from {a.resume} at step {start_step} after {train_ms / 1000:.2f}s of training")
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -395,8 +401,9 @@ def main(a: Hyperparameters):
         return result
 
     def checkpoint(step: int):
-        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()] + [loss_acc.isfinite()])
-        if not finite.all().item():  # a diverged state never replaces a good checkpoint
+        pending = all_reduce_sum(loss_acc.clone()).item()
+        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()])
+        if not (finite.all().item() and math.isfinite(pending)):  # a diverged state never replaces a good checkpoint
             raise FloatingPointError(f"non-finite training loss or weights at step {step}; the last good "
                                      f"checkpoint stays in {a.checkpoint_dir}. Try a lower learning rate.")
         loader_states = [None] * world
@@ -408,13 +415,14 @@ def main(a: Hyperparameters):
         if master:
             save_checkpoint(Path(a.checkpoint_dir) / f"step_{step:06d}.pt",
                             {"model": raw_model.state_dict(), "optimizer": optimizer_state,
-                             "loader": loader_states, "rng": rng_states(), "step": step,
+                             "loader": loader_states, "rng": rng_states(), "step": step, "train_ms": train_ms,
+                             "pending_loss": pending, "loss_steps": loss_steps,
                              "hyperparameters": dataclasses.asdict(a), "run_id": run_id[0]},
                             a.keep_checkpoints)
 
     # ---- training: the clock runs only here
-    train_ms, reached = 0.0, None
-    loss_acc, loss_steps = torch.zeros((), device=device), 0
+    reached = None
+    loss_acc = torch.tensor(pending_loss, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -444,9 +452,8 @@ def main(a: Hyperparameters):
                 text += f" val_loss:{results['valid_loss']:.4f}"
                 if a.target_val_loss and results["valid_loss"] <= a.target_val_loss:
                     reached = (step, train_ms)
-            steps_done = step - start_step
-            tokens_per_sec = steps_done * global_batch / (train_ms / 1000) if train_ms else 0.0
-            record.update(step_avg_ms=train_ms / max(steps_done, 1), tokens_per_sec=tokens_per_sec)
+            tokens_per_sec = step * global_batch / (train_ms / 1000) if train_ms else 0.0
+            record.update(step_avg_ms=train_ms / max(step, 1), tokens_per_sec=tokens_per_sec)
             text += (f" train_time:{train_ms:.0f}ms step_avg:{record['step_avg_ms']:.2f}ms"
                      f" tokens_per_sec:{tokens_per_sec:.0f}")
             log.line(text, **record)
@@ -457,8 +464,11 @@ def main(a: Hyperparameters):
         loss_acc += train_step(step)
         loss_steps += 1
         step += 1
-        if a.save_every and step % a.save_every == 0:
+        if a.save_every and step % a.save_every == 0:  # off the clock, like evaluation
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
             checkpoint(step)
+            t0 = time.perf_counter()
 
     # ---- the end: final test evaluation, summary, final checkpoint
     final = run_evals(["valid", "test"])
@@ -488,7 +498,7 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
               log: RunLog) -> dict:
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    keys = mean_keys_per_token([next(loader) for _ in range(8)], a.max_len)
+    keys = mean_keys_per_token([next(loader) for _ in range(8)], window_size(0, a.max_steps, a))
     tokens = world * a.grad_accum * a.tokens_per_rank
     for step in range(3):  # untimed: the loader's queues and the allocator settle
         train_step(step)
@@ -523,7 +533,7 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
         del optimizer.step
         r["gpu_ms_per_step"], r["top_kernels"] = gpu_time_breakdown(prof, steps=3)
         r["optimizer_ms_per_step"] = sum(start.elapsed_time(end) for start, end in spans) / len(spans)
-        gpu_total = sum(r["gpu_ms_per_step"].values())
+        gpu_total = sum(r["gpu_ms_per_step"].values()) or float("nan")  # nan: the profiler saw no kernel
         text += f" | peak memory {r['peak_memory_gib']:.1f} GiB\nGPU time per step (profiled):\n" + "\n".join(
             f"  {k:14s}{v:9.1f} ms {100 * v / gpu_total:5.1f}%" for k, v in r["gpu_ms_per_step"].items())
         text += (f"\n  of which the optimizer step spans {r['optimizer_ms_per_step']:.1f} ms "
@@ -558,8 +568,11 @@ def kernel_category(name: str) -> str:
 def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list]:
     """GPU milliseconds per step by kind of kernel, idle = the gaps between the first and the last kernel that no
     kernel covers; and the costliest kernels."""
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+    kernels = sorted((e for e in prof.events()  # user annotations also show on the GPU timeline, as spans
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation),
                      key=lambda e: e.time_range.start)
+    if not kernels:
+        return {}, []
     ms = dict.fromkeys(["matmul", "attention", "element-wise", "communication", "copy", "idle"], 0.0)
     by_name = {}
     busy, busy_until = 0.0, kernels[0].time_range.start

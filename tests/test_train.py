@@ -93,13 +93,19 @@ def test_stops_as_soon_as_the_target_is_reached(small_shards, tmp_path):
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(small_shards, tmp_path):
-    straight = tiny(small_shards, tmp_path / "a", save_every=4)
+    """A checkpoint between two log lines (step 3 of lines at 2, 4, ...) carries the loss summed since the last
+    line, and the clock: the resumed run logs the same losses and goes on counting time from where it stopped."""
+    straight = tiny(small_shards, tmp_path / "a", save_every=3, log_every=2)
     train.main(straight)
-    resumed = tiny(small_shards, tmp_path / "b", resume=str(Path(straight.checkpoint_dir) / "step_000004.pt"))
+    ckpt = Path(straight.checkpoint_dir) / "step_000003.pt"
+    resumed = tiny(small_shards, tmp_path / "b", log_every=2, resume=str(ckpt))
     train.main(resumed)
     a, b = train_losses(straight.log_dir), train_losses(resumed.log_dir)
-    assert sorted(b) == [5, 6, 7, 8]
+    assert sorted(b) == [4, 6, 8]
     assert all(a[s] == b[s] for s in b), (a, b)
+    saved_ms = torch.load(ckpt, weights_only=False)["train_ms"]
+    first = next(r for r in records(resumed.log_dir) if r.get("step") == 4)
+    assert 0 < saved_ms < first["train_time_ms"]
 
 
 def test_two_processes_follow_the_trajectory_of_one_with_grad_accum(small_shards, tmp_path):
