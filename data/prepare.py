@@ -156,7 +156,7 @@ def count_fasta(path: Path) -> int:
 def fasta_jobs(path: Path, split, progress):
     record = 0
     for line, position, block in fasta_blocks(path):
-        progress(position / max(path.stat().st_size, 1))
+        progress.read = position / max(path.stat().st_size, 1)
         yield str(path), line, record, block, split
         record += block.count(b"\n>") + 1
 
@@ -166,7 +166,6 @@ def hf_jobs(ds, label: str, split, progress):
     for rows in ds.select_columns(["sequence"]).iter(batch_size=HF_ROWS):
         yield label, None, record, rows["sequence"], split
         record += len(rows["sequence"])
-        progress(None)
 
 
 def hf_sources(name: str, args):
@@ -190,19 +189,19 @@ def hf_sources(name: str, args):
 
 
 class Progress:
-    """A line on stderr every few seconds."""
+    """A line on stderr every few seconds: how far the input has been read (FASTA only) and what is tokenized."""
 
     def __init__(self):
         self.start = self.last = time.time()
-        self.label, self.sequences, self.tokens = "", 0, 0
+        self.label, self.read, self.sequences, self.tokens = "", None, 0, 0
 
-    def __call__(self, fraction):
+    def show(self):
         now = time.time()
         if now - self.last > 5:
             self.last = now
-            done = f"{100 * fraction:.0f}% of {self.label}, " if fraction is not None else f"{self.label}: "
-            print(f"  {done}{self.sequences:,} sequences, {self.tokens:,} tokens, {now - self.start:.0f} s",
-                  file=sys.stderr, flush=True)
+            read = f", {100 * self.read:.0f}% read" if self.read is not None else ""
+            print(f"  {self.label}{read}: {self.sequences:,} sequences, {self.tokens:,} tokens tokenized, "
+                  f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
 
 
 def run_jobs(jobs, writers, workers: int, progress: Progress) -> int:
@@ -217,6 +216,7 @@ def run_jobs(jobs, writers, workers: int, progress: Progress) -> int:
             writers[split].add(tokens, lengths)
             progress.sequences += len(lengths)
             progress.tokens += len(tokens)
+        progress.show()
         unknown += unk
 
     if workers == 1:
@@ -287,7 +287,7 @@ def main(argv=None):
     writers = {s: ShardWriter(args.out, args.name, s, args.shard_tokens) for s in SPLITS}
     unknown = 0
     for jobs, label in sources:
-        progress.label = label
+        progress.label, progress.read = label, None
         unknown += run_jobs(jobs(), writers, args.workers, progress)
     for w in writers.values():
         w.flush()
