@@ -184,10 +184,13 @@ class RunLog:
             self.wandb = wandb.init(project=a.wandb_project, name=run_id, config=dataclasses.asdict(a), mode=mode,
                                     dir=a.log_dir)
 
-    def header(self, text: str):
+    def header(self, text: str, **record):
+        """A line of the log's head, not printed; a record, if any, goes to the JSONL as well."""
         if self.master:
             self.txt.write(text + "\n")
             self.txt.flush()
+            if record:
+                self.jsonl.write(json.dumps(record) + "\n")
 
     def line(self, text: str, **record):
         if not self.master:
@@ -307,7 +310,9 @@ def main(a: Hyperparameters):
     log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
     log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
     log.header(environment())
-    log.header(f"data sha256: {data_sha256(a.data)}")
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    log.header(f"date: {date}\ndata sha256: {data_sha256(a.data)}", kind="run", date=date, world_size=world,
+               hyperparameters=dataclasses.asdict(a), data_sha256=data_sha256(a.data))
 
     # ---- model, optimizer, data
     torch.manual_seed(a.seed)
