@@ -310,9 +310,14 @@ def main(a: Hyperparameters):
     log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
     log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
     log.header(environment())
-    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    log.header(f"date: {date}\ndata sha256: {data_sha256(a.data)}", kind="run", date=date, world_size=world,
-               hyperparameters=dataclasses.asdict(a), data_sha256=data_sha256(a.data))
+    date, data_hash = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), data_sha256(a.data)
+    log.header(f"date: {date}\ndata sha256: {data_hash}", kind="run", date=date, world_size=world,
+               hyperparameters=dataclasses.asdict(a), data_sha256=data_hash)
+
+    ckpt = torch.load(a.resume, map_location="cpu", weights_only=False) if a.resume else None  # moved where loaded
+    if ckpt and not a.eval_only and ckpt["data_sha256"] != data_hash:
+        raise ValueError(f"--resume {a.resume} was trained on other data (sha256 {ckpt['data_sha256']}) than "
+                         f"--data {a.data} ({data_hash}); resume with the data it was trained on")
 
     # ---- model, optimizer, data
     torch.manual_seed(a.seed)
@@ -341,7 +346,7 @@ def main(a: Hyperparameters):
         return results
 
     if a.eval_only:
-        raw_model.load_state_dict(torch.load(a.resume, map_location=device, weights_only=False)["model"])
+        raw_model.load_state_dict(ckpt["model"])
         results = run_evals(["valid", "test"])
         log.line(" ".join(f"{k}:{v:.4f}" for k, v in results.items()), **results)
         log.close()
@@ -385,8 +390,7 @@ def main(a: Hyperparameters):
     set_rng_states(initial["rng"])
     # the clock, and the training loss summed over all ranks since the last log line: kept in checkpoints
     start_step, train_ms, pending_loss, loss_steps = 0, 0.0, 0.0, 0
-    if a.resume:
-        ckpt = torch.load(a.resume, map_location="cpu", weights_only=False)  # load_state_dict moves what it loads
+    if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["loader"][rank])
@@ -421,7 +425,7 @@ def main(a: Hyperparameters):
             save_checkpoint(Path(a.checkpoint_dir) / f"step_{step:06d}.pt",
                             {"model": raw_model.state_dict(), "optimizer": optimizer_state,
                              "loader": loader_states, "rng": rng_states(), "step": step, "train_ms": train_ms,
-                             "pending_loss": pending, "loss_steps": loss_steps,
+                             "pending_loss": pending, "loss_steps": loss_steps, "data_sha256": data_hash,
                              "hyperparameters": dataclasses.asdict(a), "run_id": run_id[0]},
                             a.keep_checkpoints)
 

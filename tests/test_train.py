@@ -177,3 +177,14 @@ def test_mean_keys_per_token_counts_documents_not_padding():
     b = Batch(ids, doc_ids, None, None)
     assert train.mean_keys_per_token([b], 1024) == pytest.approx((3 * 3 + 4 * 4) / 7)
     assert train.mean_keys_per_token([b, b], 2) == pytest.approx((3 * 2 + 4 * 2) / 7)  # capped by the window
+
+
+def test_resuming_on_other_data_is_refused(small_fasta, small_shards, tmp_path):
+    h = tiny(small_shards, tmp_path / "a", max_steps=2, val_every=0)
+    train.main(h)
+    other = tmp_path / "other"  # the same sequences split with another seed: other shards
+    subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(small_fasta), "--out", str(other),
+                    "--name", "small", "--num_valid", "100", "--num_test", "100", "--seed", "1"], check=True,
+                   capture_output=True)
+    with pytest.raises(ValueError, match="trained on other data"):
+        train.main(tiny(other, tmp_path / "b", resume=str(Path(h.checkpoint_dir) / "step_000002.pt")))
