@@ -28,6 +28,12 @@ def orthogonalize(G: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.
     return X.mT if tall else X
 
 
+def stack_padded(tensors: list[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
+    """The tensors stacked, with zero slots shaped like `like` up to n entries: collectives take equal shares."""
+    missing = n - len(tensors)
+    return torch.stack(tensors + ([torch.zeros_like(like)] * missing if missing else []))
+
+
 class MuonAdam(torch.optim.Optimizer):
     """One optimizer over groups of kind "muon" (one group per matrix shape) and "adam"."""
 
@@ -47,8 +53,7 @@ class MuonAdam(torch.optim.Optimizer):
 
     def gather_shares(self, group: dict, mine: list[torch.Tensor]) -> torch.Tensor:
         """Every rank's share of a Muon group stacked in parameter order: [share * world, *shape]."""
-        missing = self.share(group) - len(mine)
-        mine = torch.stack(mine + ([torch.zeros_like(group["params"][0])] * missing if missing else []))
+        mine = stack_padded(mine, self.share(group), group["params"][0])
         everyone = mine.new_empty(self.world * len(mine), *mine.shape[1:])
         all_gather(everyone, mine)
         return everyone
@@ -63,8 +68,7 @@ class MuonAdam(torch.optim.Optimizer):
 
     def muon_step(self, group: dict):
         params = group["params"]
-        missing = self.share(group) * self.world - len(params)
-        grads = torch.stack([p.grad for p in params] + ([torch.zeros_like(params[0])] * missing if missing else []))
+        grads = stack_padded([p.grad for p in params], self.share(group) * self.world, params[0])
         if self.world > 1:
             mine = torch.empty_like(grads[:self.share(group)])
             reduce_scatter(mine, grads)
@@ -80,9 +84,9 @@ class MuonAdam(torch.optim.Optimizer):
             torch._foreach_lerp_(bufs, list(grads), 1 - momentum)
             updates = orthogonalize(grads.lerp_(torch.stack(bufs), momentum),  # Nesterov
                                     torch.bfloat16 if grads.is_cuda else torch.float32)
-            p = owned[0]
+            rows, cols = owned[0].shape[-2:]
             torch._foreach_mul_(owned, 1 - lr * wd)
-            torch._foreach_add_(owned, list(updates.to(p.dtype)), alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+            torch._foreach_add_(owned, list(updates.to(owned[0].dtype)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
         if self.world > 1:
             for p, new in zip(params, self.gather_shares(group, owned)):
                 p.copy_(new)

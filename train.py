@@ -527,10 +527,12 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
         r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         spans = []  # CUDA events around each optimizer step: its span on the GPU timeline
 
-        def timed_optimizer_step(step=type(optimizer).step.__get__(optimizer)):
+        untimed_step = optimizer.step
+
+        def timed_optimizer_step():
             spans.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
             spans[-1][0].record()
-            step()
+            untimed_step()
             spans[-1][1].record()
 
         optimizer.step = timed_optimizer_step  # for the profiled steps only
