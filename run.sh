@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The canonical sp2014 record run: a global batch of 524,288 tokens = 8 micro-batches of 65,536 tokens, spread over
-# the GPUs of this host (8 GPUs: 1 each; 1 GPU: 8 accumulated). Extra arguments go to train.py.
+# The canonical sp2014 record run: the `sprint` model (6 layers of 512), a global batch of 131,072 tokens per step
+# spread over the GPUs of this host (1 GPU: 2 micro-batches of 65,536; 2 GPUs: one each; 4 or 8 GPUs: one smaller
+# micro-batch each), 450 steps, evaluated every 10, stopping at validation loss 2.78. Extra arguments go to train.py.
 #   bash run.sh                      # all GPUs of this host
-#   NGPU=2 bash run.sh --seed 1      # two of them, another seed
+#   NGPU=1 bash run.sh --seed 1      # one of them, another seed
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-data/sp2014}
@@ -12,10 +13,12 @@ if [ ! -f "$DATA/manifest.json" ]; then
         --test "$SOURCE/sp2014_test.fasta" --name sp2014 --out "$DATA"
 fi
 NGPU=${NGPU:-$(nvidia-smi --list-gpus | wc -l)}
-MICRO_BATCHES=8
-if [ "$NGPU" -lt 1 ] || [ $((MICRO_BATCHES % NGPU)) -ne 0 ]; then
-    echo "run.sh: $NGPU GPUs cannot share the record's $MICRO_BATCHES micro-batches evenly; set NGPU to 1, 2, 4 or 8" >&2
+GLOBAL_BATCH=131072
+if [ "$NGPU" -lt 1 ] || [ $((GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
+    echo "run.sh: $NGPU GPUs cannot share the record's $GLOBAL_BATCH-token batch evenly; set NGPU to 1, 2, 4 or 8" >&2
     exit 1
 fi
-exec torchrun --standalone --nproc_per_node="$NGPU" train.py --data "$DATA" --tokens_per_rank 65536 \
-    --grad_accum $((MICRO_BATCHES / NGPU)) --max_steps 200 --val_every 10 --target_val_loss 2.78 "$@"
+TOKENS_PER_RANK=$((GLOBAL_BATCH / NGPU < 65536 ? GLOBAL_BATCH / NGPU : 65536))
+exec torchrun --standalone --nproc_per_node="$NGPU" train.py --data "$DATA" --preset sprint \
+    --tokens_per_rank $TOKENS_PER_RANK --grad_accum $((GLOBAL_BATCH / NGPU / TOKENS_PER_RANK)) \
+    --max_steps 450 --val_every 10 --target_val_loss 2.78 "$@"
