@@ -1,0 +1,153 @@
+"""tools/hf.py: a real tiny checkpoint exported as a Hugging Face folder, and scoring with the frozen metric."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import train
+from data.prepare import encode
+from dataloader import PAD, VOCAB, assemble, eval_batches
+from model import PRESETS, Model
+from test_train import REPO, tiny
+from tools.hf import SCHEMES, HFError, export, save_tokenizer, score
+
+
+def run_hf(*args):
+    return subprocess.run([sys.executable, "-m", "tools.hf", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(small_shards, tmp_path_factory) -> Path:
+    """A tiny model with random weights (the LM head too, which training starts at zero) saved as train.py saves
+    a checkpoint, with the hyperparameters of a tiny run on small_shards."""
+    h = tiny(small_shards, tmp_path_factory.mktemp("run"))
+    torch.manual_seed(0)
+    model = Model(dataclasses.replace(PRESETS[h.preset], max_len=h.max_len))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    path = Path(h.checkpoint_dir) / "step_000000.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "hyperparameters": dataclasses.asdict(h), "step": 0, "run_id": "test",
+                "data_sha256": train.data_sha256(h.data)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "plmrun-tiny"
+    r = run_hf("export", str(checkpoint), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def esm_dir(tmp_path_factory) -> Path:
+    """A small random ESM-2 (rotary positions, token dropout, ESM-2's vocabulary and special tokens)."""
+    config = transformers.EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=1026, position_embedding_type="rotary",
+                                    token_dropout=True, emb_layer_norm_before=False, pad_token_id=1, mask_token_id=32,
+                                    initializer_range=0.3)  # far from uniform predictions, so the test has teeth
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("esm")
+    transformers.EsmForMaskedLM(config).save_pretrained(out)
+    save_tokenizer(out, 1024)
+    return out
+
+
+def fasta_sequences(path, n) -> list[str]:
+    records = path.read_text().split(">")[1:n + 1]
+    return ["".join(r.splitlines()[1:]) for r in records]
+
+
+def test_the_tokenizer_encodes_like_prepare(exported, small_fasta):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    seqs = fasta_sequences(small_fasta, 50) + ["MKXBUZOJ"]  # rare letters, and J: <unk> in both
+    fasta = "".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)).encode()
+    tokens, lengths = encode(("test", 1, 0, fasta, "valid"))[0]["valid"]
+    expected = np.split(np.frombuffer(tokens, dtype=np.uint8), np.cumsum(lengths)[:-1])
+    assert [tokenizer(s)["input_ids"] for s in seqs] == [e.tolist() for e in expected]
+
+
+def test_the_exported_folder_loads_with_the_auto_classes_and_gives_our_logits(checkpoint, exported, small_fasta):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ours = Model(dataclasses.replace(PRESETS["tiny"], max_len=512))
+    ours.load_state_dict(ckpt["model"])
+    assert transformers.AutoConfig.from_pretrained(exported, trust_remote_code=True).model_type == "plmrun"
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(exported, trust_remote_code=True)
+    assert all(torch.equal(hf.model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    seqs = [s[:300] for s in fasta_sequences(small_fasta, 5)]
+    seqs[1] = seqs[1][:20].replace("L", "<mask>")
+    enc = tokenizer(seqs, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = hf(**enc).logits
+        for row, keep in zip(range(len(seqs)), enc["attention_mask"].bool()):
+            ids = enc["input_ids"][row][keep].numpy()
+            buffer, doc_ids = assemble([ids], np.array([len(ids)]), 384)
+            alone = ours(torch.from_numpy(buffer), torch.from_numpy(doc_ids), torch.arange(len(ids)), None,
+                         torch.tensor(512))
+            torch.testing.assert_close(logits[row][keep], alone, atol=1e-5, rtol=0)
+            assert (logits[row][~keep] == 0).all()
+
+
+def test_scoring_the_exported_folder_gives_train_eval_only_exactly(checkpoint, exported, small_shards, tmp_path):
+    out = tmp_path / "scores.json"
+    r = run_hf("score", str(exported), "--data", str(small_shards), "--max_len", "512", "--tokens_per_batch", "2048",
+               "--splits", "valid", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "valid 80/10/10: loss " in r.stdout
+    scores = json.loads(out.read_text())
+    reference = train.main(tiny(small_shards, tmp_path, eval_only=True, resume=str(checkpoint)))
+    valid = [k for k in reference if k.startswith("valid")]
+    assert len(valid) == 4 and all(scores[k] == reference[k] for k in valid), (scores, reference)
+
+
+def test_a_model_shorter_than_the_frozen_crop_is_refused_with_the_flag_to_pass(exported, small_shards):
+    r = run_hf("score", str(exported), "--data", str(small_shards))  # exported with max_len 512; the crop is 1024
+    assert r.returncode == 1 and "pass --max_len 512" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_scoring_an_esm_model_equals_running_each_sequence_alone(esm_dir, small_shards):
+    scores = score(esm_dir, small_shards, splits=["valid"], tokens_per_batch=4096)
+    esm = transformers.EsmForMaskedLM.from_pretrained(esm_dir).eval()
+    files = sorted(small_shards.glob("*_valid_*.bin"))
+    for scheme in SCHEMES:
+        loss_sum, correct, count = 0.0, 0, 0
+        for b in eval_batches(files, 4096, scheme):
+            for doc in b.doc_ids[b.input_ids != PAD].unique():
+                where = torch.nonzero(b.doc_ids == doc)[:, 0]
+                start, rows = where[0], torch.isin(b.mask_idx, where) & (b.targets != -100)
+                with torch.no_grad():
+                    logits = esm(input_ids=b.input_ids[where][None].long()).logits[0][b.mask_idx[rows] - start]
+                loss_sum += F.cross_entropy(logits, b.targets[rows], reduction="sum").item()
+                correct += (logits.argmax(-1) == b.targets[rows]).sum().item()
+                count += rows.sum().item()
+        key = "valid" if scheme == "mask" else "valid_801010"
+        assert scores[f"{key}_tokens"] == count
+        assert scores[f"{key}_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
+        assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)
+
+
+def test_another_vocabulary_is_refused(esm_dir, small_shards, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in esm_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "vocab.txt").write_text("\n".join(["<pad>", "<unk>", "<mask>", "<bos>", "<eos>", *VOCAB[4:29]]) + "\n")
+    with pytest.raises(HFError, match="not ESM-2's"):
+        score(other, small_shards)
+
+
+def test_export_refuses_a_file_that_is_not_a_train_checkpoint(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(HFError, match="not a checkpoint written by train.py"):
+        export(tmp_path / "other.pt", tmp_path / "out")
