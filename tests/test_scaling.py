@@ -11,7 +11,7 @@ import train
 from model import PRESETS, Model
 from test_train import REPO, tiny
 from tools.records import RecordError
-from tools.scaling import PAPER_MLM, ScalingError, fit, optimum, points, predict, recommend
+from tools.scaling import PAPER_MLM, ScalingError, fit, main, optimum, points, predict, recommend
 
 LAW = {"E": 1.8, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}
 
@@ -53,16 +53,18 @@ def test_the_recommendation_is_the_laws_optimum_for_the_budget():
     assert r["n_exponent"] == pytest.approx(b / (a + b))
 
 
-def test_recommend_cli_takes_a_fit_and_a_gpu_budget(tmp_path):
+def test_recommend_takes_a_fit_and_a_gpu_budget(tmp_path, capsys):
     path = tmp_path / "fit.json"
     path.write_text(json.dumps({"law": LAW, "anchor_flops": 1e18, "runs": []}))
-    r = scaling_cli("recommend", "--fit", path, "--gpu_hours", 2, "--tokens_per_sec", 1e5, "--preset", "tiny",
-                    "--gpu", "H100")
-    assert r.returncode == 0, r.stderr
+    result = main(["recommend", "--fit", str(path), "--gpu_hours", "2", "--tokens_per_sec", "1e5", "--preset",
+                   "tiny", "--gpu", "H100"])
     flops = 6 * Model(PRESETS["tiny"]).num_params() * 1e5 * 2 * 3600
-    assert f"{flops:.3g} FLOPs" in r.stdout and "on H100" in r.stdout and "Cheng et al." in r.stdout
-    assert scaling_cli("recommend", "--fit", path, "--gpu_hours", 2).returncode == 2  # which GPU, what throughput?
-    assert scaling_cli("recommend", "--fit", path).returncode == 2  # no budget
+    assert result["flops"] == pytest.approx(flops) and (result["params"], result["tokens"]) == optimum(LAW, flops)
+    out = capsys.readouterr().out
+    assert f"{flops:.3g} FLOPs" in out and "on H100" in out and "Cheng et al." in out
+    for incomplete in (["--gpu_hours", "2"], []):  # which GPU and what throughput; no budget at all
+        with pytest.raises(SystemExit):
+            main(["recommend", "--fit", str(path), *incomplete])
     missing = scaling_cli("recommend", "--fit", tmp_path / "none.json", "--flops", 1e20)
     assert missing.returncode == 1 and "python -m tools.scaling fit" in missing.stderr
 
