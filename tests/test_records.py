@@ -1,5 +1,6 @@
-"""tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard."""
+"""tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots."""
 import json
+import struct
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 import train
 from test_train import REPO, tiny
-from tools.records import BOARD_END, BOARD_START, RecordError, check, leaderboard, reproduce, t_sf
+from tools.records import BOARD_END, BOARD_START, RecordError, check, leaderboard, plot, reproduce, t_sf
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,26 @@ def test_leaderboard_is_made_from_the_logs(attempt):
     assert times == sorted(times)
     assert all(f"({attempt[0].parent.name}/" in row and "| none |" in row for row in rows)  # no GPU in these logs
     assert leaderboard(attempt[0].parent, readme) == table  # regenerating changes nothing
+
+
+def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path):
+    out = tmp_path / "runs.png"
+    cli = subprocess.run([sys.executable, "-m", "tools.records", "plot", *map(str, attempt), "--out", str(out),
+                          "--size", "1234x567"], cwd=REPO, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert struct.unpack(">II", png[16:24]) == (1234, 567)
+    assert len(png) > 20_000  # two panels of lines and text, not a blank canvas
+
+
+def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):
+    with pytest.raises(RecordError, match="its .jsonl twin"):
+        plot([REPO / "README.md"], tmp_path / "x.png")
+    stray = tmp_path / "notes.txt"
+    stray.write_text("just notes\n")
+    stray.with_suffix(".jsonl").write_text("{}\n")
+    cli = subprocess.run([sys.executable, "-m", "tools.records", "plot", str(attempt[0]), str(stray), "--out",
+                          str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True)
+    assert cli.returncode == 1 and "is it a log written by train.py?" in cli.stderr
+    assert not (tmp_path / "x.png").exists()

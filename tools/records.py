@@ -1,8 +1,9 @@
-"""Records: check an attempt, rebuild a run from its log, regenerate the README's leaderboard.
+"""Records: check an attempt, rebuild a run from its log, regenerate the README's leaderboard, plot runs.
 
     python -m tools.records check logs_to_keep/A.txt logs_to_keep/B.txt logs_to_keep/C.txt
     python -m tools.records reproduce logs_to_keep/A.txt --out /tmp/repro [--run]
     python -m tools.records leaderboard          # rewrites README.md's record table from logs_to_keep/
+    python -m tools.records plot logs/A.txt logs/B.txt --out runs.png [--size 1400x500]
 
 A log is the `.txt` that train.py writes (full source, command, environment) with its `.jsonl` twin (the numbers).
 """
@@ -20,6 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 SEPARATOR = "=" * 100 + "\n"
 SOURCE_HEADER = re.compile(r"^==> (\S+) <==\n", re.M)
 BOARD_START, BOARD_END = "<!-- leaderboard: made by python -m tools.records leaderboard -->", "<!-- /leaderboard -->"
+TRACK_TARGET = 2.78  # the sp2014 track's target validation loss
+# The best public protein speedrun trainer on the same sp2014 track and one H100: (seconds of training, validation
+# loss). Its log gives times only; it ran at 312,600 tokens/s, so its tokens are taken as seconds x 312,600
+# (77M at the last point).
+REFERENCE = [(67.0, 2.909), (120.0, 2.830), (181.0, 2.800), (246.5, 2.7835)]
+REFERENCE_TOKENS_PER_SEC = 312_600
 
 
 class RecordError(Exception):
@@ -47,6 +54,12 @@ def read_run(txt) -> dict:
     gpus = re.search(r"^gpus \((\d+)\): (.*)$", text, re.M)
     return {"path": txt, "sources": sources, "meta": meta, "outcome": outcome, "final": final,
             "evals": [r for r in records if "val_loss" in r], "gpus": gpus.group(2) if gpus else "unknown"}
+
+
+def tokens_trained(run: dict) -> int:
+    """Training tokens up to the run's last step: every step takes one global batch."""
+    h = run["meta"]["hyperparameters"]
+    return run["outcome"]["final_step"] * run["meta"]["world_size"] * h["grad_accum"] * h["tokens_per_rank"]
 
 
 def t_sf(t: float, df: int) -> float:
@@ -148,9 +161,8 @@ def leaderboard(logs: Path, readme: Path) -> str:
     for txt in sorted(logs.glob("*.txt")):
         run = read_run(txt)
         if run["outcome"]["target_reached"]:
-            h = run["meta"]["hyperparameters"]
-            tokens = run["outcome"]["final_step"] * run["meta"]["world_size"] * h["grad_accum"] * h["tokens_per_rank"]
-            rows.append((run["outcome"]["train_time_ms"] / 1000, run["final"]["valid_loss"], run["gpus"], tokens,
+            rows.append((run["outcome"]["train_time_ms"] / 1000, run["final"]["valid_loss"], run["gpus"],
+                         tokens_trained(run),
                          run["meta"]["date"][:10], txt.relative_to(readme.parent).as_posix()))
     table = ["| time | val loss | hardware | tokens | date | log |", "| --- | --- | --- | --- | --- | --- |"]
     table += [f"| {t:.2f} s | {loss:.4f} | {gpus} | {tokens / 1e6:.1f}M | {date} | [{Path(link).name}]({link}) |"
@@ -165,6 +177,52 @@ def leaderboard(logs: Path, readme: Path) -> str:
     return "\n".join(table)
 
 
+def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
+    """A PNG of validation loss against training time (left) and training tokens (right), one line per log, with
+    the reference trainer's curve and the target (the logs' --target_val_loss, else the track's) for comparison."""
+    runs = [read_run(p) for p in paths]  # every log is read before anything is drawn: a bad one fails fast
+    import matplotlib  # only here: training and the other subcommands never need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpi = 100
+    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi, sharey=True)
+    for run in runs:
+        label = f"{run['meta']['hyperparameters']['preset']} {run['path'].stem[:8]}"
+        losses = [e["val_loss"] for e in run["evals"]]
+        by_time.plot([e["train_time_ms"] / 1000 for e in run["evals"]], losses, marker="o", label=label)
+        by_tokens.plot([e["tokens"] / 1e6 for e in run["evals"]], losses, marker="o", label=label)
+    seconds, losses = zip(*REFERENCE)
+    reference = dict(color="black", linestyle="--", marker="x", label="best public trainer (1x H100)")
+    by_time.plot(seconds, losses, **reference)
+    by_tokens.plot([s * REFERENCE_TOKENS_PER_SEC / 1e6 for s in seconds], losses, **reference)
+    targets = {run["meta"]["hyperparameters"]["target_val_loss"] for run in runs} - {0.0} or {TRACK_TARGET}
+    for target in sorted(targets):
+        for ax in (by_time, by_tokens):
+            ax.axhline(target, color="red", linewidth=1, label=f"target {target}")
+    by_time.set(xlabel="training time (s)", ylabel="validation loss")
+    by_tokens.set(xlabel="training tokens (millions)")
+    for ax in (by_time, by_tokens):
+        ax.grid(alpha=0.3)
+    by_tokens.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+def pixels(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT in pixels, for --size."""
+    try:
+        width, height = map(int, text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels such as 1400x500, got {text!r}")
+    if width < 200 or height < 200:
+        raise argparse.ArgumentTypeError(f"the figure needs at least 200x200 pixels, got {text!r}")
+    return width, height
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,11 +234,17 @@ def main(argv=None):
     b = sub.add_parser("leaderboard", help="regenerate README.md's record table")
     b.add_argument("--logs", type=Path, default=REPO / "logs_to_keep")
     b.add_argument("--readme", type=Path, default=REPO / "README.md")
+    g = sub.add_parser("plot", help="plot validation loss against time and tokens, beside the reference")
+    g.add_argument("logs", nargs="+", type=Path)
+    g.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    g.add_argument("--size", type=pixels, default=(1400, 500), help="WIDTHxHEIGHT in pixels (default 1400x500)")
     a = p.parse_args(argv)
     if a.command == "check":
         return check(a.logs)
     if a.command == "reproduce":
         return reproduce(a.log, a.out, a.run)
+    if a.command == "plot":
+        return plot(a.logs, a.out, *a.size)
     print(leaderboard(a.logs, a.readme))
 
 
