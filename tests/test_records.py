@@ -97,16 +97,22 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     assert len(losses(first)) == 4 and losses(again) == losses(first)
 
 
-def test_leaderboard_is_made_from_the_logs(attempt):
-    readme = attempt[0].parent.parent / "README.md"
+def test_leaderboard_is_made_from_the_logs(attempt, tmp_path):
+    logs = tmp_path / "logs_to_keep"
+    logs.mkdir()
+    copy_logs(attempt, logs / "2026-01-01_tiny")
+    readme = tmp_path / "README.md"
     readme.write_text(f"# Records\n\n{BOARD_START}\nold table\n{BOARD_END}\n\nmore text\n")
-    table = leaderboard(attempt[0].parent, readme)
+    table = leaderboard(logs, readme)
     rows = table.splitlines()[2:]
-    assert len(rows) == 3 and "old table" not in readme.read_text() and readme.read_text().endswith("more text\n")
-    times = [float(row.split("|")[1].split()[0]) for row in rows]
-    assert times == sorted(times)
-    assert all(f"({attempt[0].parent.name}/" in row and "| none |" in row for row in rows)  # no GPU in these logs
-    assert leaderboard(attempt[0].parent, readme) == table  # regenerating changes nothing
+    assert len(rows) == 1 and "old table" not in readme.read_text() and readme.read_text().endswith("more text\n")
+    assert "| 3 (p = " in rows[0] and "| tiny | 1x none |" in rows[0]  # no GPU in these logs
+    assert "[2026-01-01_tiny](logs_to_keep/2026-01-01_tiny)" in rows[0]
+    assert leaderboard(logs, readme) == table  # regenerating changes nothing
+
+    copy_logs(attempt[:2], logs / "too_few")  # a folder that is not a record stops the table, saying why
+    with pytest.raises(RecordError, match="too_few is not a record: an attempt needs at least 3 runs"):
+        leaderboard(logs, readme)
 
 
 def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path):

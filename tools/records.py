@@ -1,8 +1,8 @@
 """Records: check an attempt, rebuild a run from its log, regenerate the README's leaderboard, plot runs.
 
-    python -m tools.records check logs_to_keep/A.txt logs_to_keep/B.txt logs_to_keep/C.txt
-    python -m tools.records reproduce logs_to_keep/A.txt --out /tmp/repro [--run]
-    python -m tools.records leaderboard          # rewrites README.md's record table from logs_to_keep/
+    python -m tools.records check logs_to_keep/RECORD/*.txt
+    python -m tools.records reproduce logs_to_keep/RECORD/A.txt --out /tmp/repro [--run]
+    python -m tools.records leaderboard          # rewrites README.md's record table: one row per logs_to_keep/ folder
     python -m tools.records plot logs/A.txt logs/B.txt --out runs.png [--size 1400x500]
 
 A log is the `.txt` that train.py writes (full source, command, environment) with its `.jsonl` twin (the numbers).
@@ -155,20 +155,26 @@ def reproduce(path, out: Path, run_it: bool) -> list[str]:
 
 
 def leaderboard(logs: Path, readme: Path) -> str:
-    """The record table, one row per log in `logs` that reached its target, fastest first, written into readme
-    between the leaderboard markers."""
+    """The record table, written into readme between the leaderboard markers: one row per folder of `logs`, each
+    folder the runs of one attempt, which must pass `check`; fastest mean time first."""
     rows = []
-    for txt in sorted(logs.glob("*.txt")):
-        run = read_run(txt)
-        if run["outcome"]["target_reached"]:
-            rows.append((run["outcome"]["train_time_ms"] / 1000, run["final"]["valid_loss"], run["gpus"],
-                         tokens_trained(run),
-                         run["meta"]["date"][:10], txt.relative_to(readme.parent).as_posix()))
-    table = ["| time | val loss | hardware | tokens | date | log |", "| --- | --- | --- | --- | --- | --- |"]
-    table += [f"| {t:.2f} s | {loss:.4f} | {gpus} | {tokens / 1e6:.1f}M | {date} | [{Path(link).name}]({link}) |"
-              for t, loss, gpus, tokens, date, link in sorted(rows)]
+    for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
+        paths = sorted(folder.glob("*.txt"))
+        try:
+            result = check(paths)
+        except RecordError as e:
+            raise RecordError(f"{folder} is not a record: {e}")
+        run = read_run(paths[0])
+        hardware = f"{run['meta']['world_size']}x {run['gpus'].split(',')[0]}"
+        rows.append((result["time_mean_s"], f"{result['time_mean_s']:.2f} ± {result['time_std_s']:.2f} s",
+                     f"{result['val_loss_mean']:.4f} ± {result['val_loss_std']:.4f}",
+                     f"{result['runs']} (p = {result['p_value']:.1e})", run["meta"]["hyperparameters"]["preset"],
+                     hardware, f"{tokens_trained(run) / 1e6:.1f}M", run["meta"]["date"][:10],
+                     f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()})"))
+    table = ["| time | val loss | runs | model | hardware | tokens | date | logs |", "|" + " --- |" * 8]
+    table += ["| " + " | ".join(row[1:]) + " |" for row in sorted(rows)]
     if not rows:
-        table.append("| no record yet | | | | | |")
+        table.append("| no record yet |" + " |" * 7)
     text = readme.read_text()
     if text.count(BOARD_START) != 1 or text.count(BOARD_END) != 1:
         raise RecordError(f"{readme} needs the markers {BOARD_START} and {BOARD_END} once each")
