@@ -110,6 +110,11 @@ def test_leaderboard_is_made_from_the_logs(attempt, tmp_path):
     assert "[2026-01-01_tiny](logs_to_keep/2026-01-01_tiny)" in rows[0]
     assert leaderboard(logs, readme) == table  # regenerating changes nothing
 
+    no_target = copy_logs(attempt[:1], logs / "sweep")  # runs without a target are no attempt: left out
+    edit_jsonl(no_target[0], lambda r: {**r, "hyperparameters": {**r["hyperparameters"], "target_val_loss": 0.0}}
+               if r.get("kind") == "run" else r)
+    assert leaderboard(logs, readme) == table
+
     copy_logs(attempt[:2], logs / "too_few")  # a folder that is not a record stops the table, saying why
     with pytest.raises(RecordError, match="too_few is not a record: an attempt needs at least 3 runs"):
         leaderboard(logs, readme)

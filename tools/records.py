@@ -156,10 +156,13 @@ def reproduce(path, out: Path, run_it: bool) -> list[str]:
 
 def leaderboard(logs: Path, readme: Path) -> str:
     """The record table, written into readme between the leaderboard markers: one row per folder of `logs`, each
-    folder the runs of one attempt, which must pass `check`; fastest mean time first."""
+    folder the runs of one attempt, which must pass `check`; fastest mean time first. Folders of runs without a
+    target (a sweep, say) are not attempts and are left out."""
     rows = []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
         paths = sorted(folder.glob("*.txt"))
+        if paths and not read_run(paths[0])["meta"]["hyperparameters"]["target_val_loss"]:
+            continue
         try:
             result = check(paths)
         except RecordError as e:
