@@ -33,6 +33,7 @@ from optimizer import build_optimizer
 REPO = Path(__file__).resolve().parent
 SOURCE_FILES = ["train.py", "model.py", "optimizer.py", "dataloader.py"]
 PEAK_FLOPS = 989e12  # dense bf16 FLOP/s of one H100 SXM: the denominator of MFU
+SCHEMES = ("mask", "80/10/10")  # masking schemes: of --mask_scheme, and of the frozen sets
 
 
 @dataclass
@@ -119,7 +120,7 @@ def check_args(a: Hyperparameters) -> list[str]:
         p.append(f"--tokens_per_rank ({a.tokens_per_rank}) must hold at least one document of --max_len ({a.max_len})")
     if not 0 < a.mask_rate < 1:
         p.append(f"--mask_rate must be in (0, 1), got {a.mask_rate}")
-    if a.mask_scheme not in ("mask", "80/10/10"):
+    if a.mask_scheme not in SCHEMES:
         p.append(f"--mask_scheme must be 'mask' or '80/10/10', got {a.mask_scheme!r}")
     if a.preset not in PRESETS:
         p.append(f"--preset must be one of {', '.join(PRESETS)}, got {a.preset!r}")
@@ -284,6 +285,11 @@ def evaluate(model, batches: list, window: torch.Tensor) -> dict:
     return {"loss": loss_sum / count, "accuracy": correct / count, "tokens": int(count)}
 
 
+def metric_key(split: str, scheme: str) -> str:
+    """The prefix a frozen set's metrics are logged under: valid, valid_801010, test, test_801010."""
+    return split if scheme == "mask" else f"{split}_801010"
+
+
 def main(a: Hyperparameters):
     # ---- processes and devices
     distributed = "RANK" in os.environ
@@ -330,18 +336,18 @@ def main(a: Hyperparameters):
     shards = {s: sorted(Path(a.data).glob(f"*_{s}_*.bin")) for s in ("train", "valid", "test")}
     eval_sets = {(split, scheme): [b.to(device) for b in eval_batches(shards[split], a.tokens_per_rank, scheme=scheme,
                                                                       max_len=a.max_len)[rank::world]]
-                 for split in ("valid", "test") for scheme in ("mask", "80/10/10")}
+                 for split in ("valid", "test") for scheme in SCHEMES}
     full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
     log.line(f"model: {a.preset} {raw_model.num_params():,} parameters | global batch {global_batch:,} tokens "
              f"= {world} ranks x {a.grad_accum} micro-batches x {a.tokens_per_rank:,} | {total_steps} steps | "
              f"device {device}")
 
-    def run_evals(splits, schemes=("mask", "80/10/10")):
+    def run_evals(splits, schemes=SCHEMES):
         results = {}
         for split in splits:
             for scheme in schemes:
                 r = evaluate(model, eval_sets[split, scheme], full_window)
-                key = split if scheme == "mask" else f"{split}_801010"
+                key = metric_key(split, scheme)
                 results[f"{key}_loss"], results[f"{key}_accuracy"] = r["loss"], r["accuracy"]
         return results
 

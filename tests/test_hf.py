@@ -18,7 +18,8 @@ from data.prepare import encode
 from dataloader import PAD, VOCAB, assemble, eval_batches
 from model import PRESETS, Model
 from test_train import REPO, tiny
-from tools.hf import SCHEMES, HFError, export, save_tokenizer, score
+from train import SCHEMES
+from tools.hf import HFError, export, save_tokenizer, score
 
 
 def run_hf(*args):

@@ -26,7 +26,6 @@ from model import PRESETS, Model
 
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = Path(__file__).resolve().parent / "hf_export" / "modeling_plmrun.py"
-SCHEMES = ("mask", "80/10/10")
 
 
 class HFError(Exception):
@@ -150,10 +149,10 @@ def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batc
     window = torch.tensor(max_len, dtype=torch.int32, device=device)
     results = {"model": str(model_dir), "data": str(data), "data_sha256": train.data_sha256(data), "max_len": max_len}
     for split in splits:
-        for scheme in SCHEMES:
+        for scheme in train.SCHEMES:
             batches = [b.to(device) for b in eval_batches(shards[split], tokens_per_batch, scheme, max_len=max_len)]
             r = train.evaluate(model, batches, window)
-            key = split if scheme == "mask" else f"{split}_801010"
+            key = train.metric_key(split, scheme)
             results.update({f"{key}_loss": r["loss"], f"{key}_accuracy": r["accuracy"], f"{key}_tokens": r["tokens"]})
             print(f"{split} {scheme}: loss {r['loss']:.4f} accuracy {r['accuracy']:.4f} ({r['tokens']:,} masked tokens)",
                   flush=True)

@@ -78,7 +78,7 @@ def fit(n, d, loss) -> dict:
     coef = np.linalg.pinv(terms / scale) @ np.ones(len(n)) / scale[:, 0]
     coef = np.maximum(coef, 1e-12)  # the law's terms are positive; a clipped start is refined below anyway
     residual = np.log(np.einsum("gpk,gk->gp", terms, coef))
-    starts = np.argsort(huber(residual).sum(1))[:8]
+    starts = np.argsort(huber(torch.from_numpy(residual)).sum(1).numpy())[:8]
     best = None
     for g in starts:
         law, objective = refine(n, d, loss, coef[g], alpha[g], beta[g])
@@ -87,9 +87,8 @@ def fit(n, d, loss) -> dict:
     return best[0]
 
 
-def huber(r):
-    a = np.abs(r)
-    return np.where(a <= HUBER_DELTA, 0.5 * r * r, HUBER_DELTA * (a - 0.5 * HUBER_DELTA))
+def huber(r: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.huber_loss(r, torch.zeros_like(r), delta=HUBER_DELTA, reduction="none")
 
 
 def refine(n, d, loss, coef, alpha, beta) -> tuple[dict, float]:
@@ -101,7 +100,7 @@ def refine(n, d, loss, coef, alpha, beta) -> tuple[dict, float]:
     def objective():
         terms = torch.stack([x[0].expand_as(log_n), x[1] - x[2] * log_n, x[3] - x[4] * log_d])
         r = torch.logsumexp(terms, 0) - log_loss
-        return torch.nn.functional.huber_loss(r, torch.zeros_like(r), delta=HUBER_DELTA, reduction="sum")
+        return huber(r).sum()
 
     opt = torch.optim.LBFGS([x], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
                             line_search_fn="strong_wolfe")
@@ -117,6 +116,10 @@ def refine(n, d, loss, coef, alpha, beta) -> tuple[dict, float]:
     law = {"E": math.exp(e), "A": math.exp(a), "alpha": alpha, "B": math.exp(b), "beta": beta}
     value = objective().item()
     return law, value if math.isfinite(value) and alpha > 0 and beta > 0 else math.inf
+
+
+def law_text(law: dict) -> str:
+    return f"L = {law['E']:.4f} + {law['A']:.4g}/N^{law['alpha']:.4f} + {law['B']:.4g}/D^{law['beta']:.4f}"
 
 
 def optimum(law: dict, flops: float) -> tuple[float, float]:
@@ -167,7 +170,7 @@ def plot(rows: list[dict], law: dict, out: Path):
         ax.scatter([r["tokens"] for r in mine], [r["loss"] for r in mine], color=colour, label=f"{n / 1e6:.2f}M")
         ax.plot(grid, predict(law, n, grid), color=colour)
     ax.set(xscale="log", xlabel="training tokens", ylabel="final validation loss",
-           title=f"L = {law['E']:.3f} + {law['A']:.3g}/N^{law['alpha']:.3f} + {law['B']:.3g}/D^{law['beta']:.3f}")
+           title=law_text(law))
     ax.grid(alpha=0.3)
     ax.legend(title="parameters")
     fig.tight_layout()
@@ -196,8 +199,7 @@ def main(argv=None):
         law = fit(*([row[k] for row in rows] for k in ("params", "tokens", "loss")))
         anchor = max(6 * row["params"] * row["tokens"] for row in rows)
         a.out.write_text(json.dumps({"law": law, "anchor_flops": anchor, "runs": rows}, indent=1) + "\n")
-        print(f"L(N, D) = {law['E']:.4f} + {law['A']:.4g}/N^{law['alpha']:.4f} + {law['B']:.4g}/D^{law['beta']:.4f}"
-              f" over {len(rows)} runs; wrote {a.out}")
+        print(f"{law_text(law)} over {len(rows)} runs; wrote {a.out}")
         if a.plot:
             plot(rows, law, a.plot)
             print(f"wrote {a.plot}")
