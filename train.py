@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 
 from dataloader import PAD, TrainLoader, eval_batches
 from model import PRESETS, Model
@@ -49,6 +50,8 @@ class Hyperparameters:
     # model
     preset: str = "speedrun"
     compile: bool = True                # torch.compile the model (CUDA only)
+    activation_memory: float = 1.0      # share of the activations the compiled backward keeps (< 1: recompute the
+                                        # cheapest others, for a smaller GPU or a bigger micro-batch)
     # run length and stopping
     max_steps: int = 1000
     max_tokens: int = 0                 # if > 0, also stop after this many training tokens
@@ -118,6 +121,8 @@ def check_args(a: Hyperparameters) -> list[str]:
         p.append(f"--tokens_per_rank must be a multiple of 128 (the attention block size), got {a.tokens_per_rank}")
     if a.tokens_per_rank < a.max_len:
         p.append(f"--tokens_per_rank ({a.tokens_per_rank}) must hold at least one document of --max_len ({a.max_len})")
+    if not 0 <= a.activation_memory <= 1:
+        p.append(f"--activation_memory must be in [0, 1], got {a.activation_memory}")
     if not 0 < a.mask_rate < 1:
         p.append(f"--mask_rate must be in (0, 1), got {a.mask_rate}")
     if a.mask_scheme not in SCHEMES:
@@ -328,6 +333,7 @@ def main(a: Hyperparameters):
     # ---- model, optimizer, data
     torch.manual_seed(a.seed)
     raw_model = Model(dataclasses.replace(PRESETS[a.preset], max_len=a.max_len)).to(device)
+    functorch_config.activation_memory_budget = a.activation_memory  # read when the backward is compiled
     model = torch.compile(raw_model, dynamic=False, fullgraph=True) if a.compile and device.type == "cuda" else raw_model
     optimizer_args = dict(muon_lr=a.muon_lr, muon_momentum=a.muon_momentum, muon_weight_decay=a.muon_weight_decay,
                           embed_lr=a.embed_lr, head_lr=a.head_lr, scalar_lr=a.scalar_lr,
@@ -519,16 +525,17 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
         train_step(step)
     sync()
     t = time.perf_counter()
-    for step in range(a.bench_steps):
-        train_step(step)
+    losses = [train_step(step) for step in range(a.bench_steps)]  # device tensors: no host sync while timed
     sync()
     step_s = (time.perf_counter() - t) / a.bench_steps
     flops = raw_model.flops_per_token(keys) * tokens / step_s
     r = {"preset": a.preset, "world_size": world, "tokens_per_rank": a.tokens_per_rank, "grad_accum": a.grad_accum,
          "tokens_per_sec": tokens / step_s, "ms_per_step": 1000 * step_s, "mfu": flops / (PEAK_FLOPS * world),
-         "model_tflops_per_gpu": flops / world / 1e12, "mean_keys_per_token": keys, "compile_s": compile_s}
+         "model_tflops_per_gpu": flops / world / 1e12, "mean_keys_per_token": keys, "compile_s": compile_s,
+         "train_losses": [x.item() for x in losses]}
     text = (f"bench: {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_step']:.1f} ms/step | MFU {100 * r['mfu']:.1f}% "
-            f"({r['model_tflops_per_gpu']:.0f} TFLOP/s per GPU, {keys:.0f} keys per token) | compile {compile_s:.0f}s")
+            f"({r['model_tflops_per_gpu']:.0f} TFLOP/s per GPU, {keys:.0f} keys per token) | compile {compile_s:.0f}s"
+            f" | train loss {r['train_losses'][0]:.3f} -> {r['train_losses'][-1]:.3f} over the timed steps")
     if cuda:
         r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         spans = []  # CUDA events around each optimizer step: its span on the GPU timeline

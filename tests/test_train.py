@@ -1,5 +1,6 @@
 """The trainer as users run it: flags, a whole tiny run, resume, several processes, failure behaviour."""
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -166,6 +167,7 @@ def test_bench_reports_throughput_and_mfu(small_shards, tmp_path):
     r = train.main(h)
     assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and 0 < r["mfu"] < 1
     assert 1 < r["mean_keys_per_token"] <= h.max_len
+    assert len(r["train_losses"]) == 2 and all(math.isfinite(x) for x in r["train_losses"])
     (log,) = Path(h.log_dir).glob("*.txt")
     assert "bench: " in log.read_text() and not list(Path(h.checkpoint_dir).glob("*.pt"))  # it stops, trains nothing
 
