@@ -56,6 +56,14 @@ def read_run(txt) -> dict:
             "evals": [r for r in records if "val_loss" in r], "gpus": gpus.group(2) if gpus else "unknown"}
 
 
+def hyperparameters(txt) -> dict:
+    """A log's hyperparameters from its run record, the JSONL's first line: there even if the run never finished
+    (a run stopped and continued with --resume leaves one unfinished log per stop)."""
+    jsonl = Path(txt).with_suffix(".jsonl")
+    first = json.loads(jsonl.read_text().split("\n", 1)[0]) if jsonl.is_file() else {}
+    return first.get("hyperparameters", {})
+
+
 def tokens_trained(run: dict) -> int:
     """Training tokens up to the run's last step: every step takes one global batch."""
     h = run["meta"]["hyperparameters"]
@@ -157,11 +165,11 @@ def reproduce(path, out: Path, run_it: bool) -> list[str]:
 def leaderboard(logs: Path, readme: Path) -> str:
     """The record table, written into readme between the leaderboard markers: one row per folder of `logs`, each
     folder the runs of one attempt, which must pass `check`; fastest mean time first. Folders of runs without a
-    target (a sweep, say) are not attempts and are left out."""
+    target (a sweep, or a long run in several resumed parts) are not attempts and are left out."""
     rows = []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
         paths = sorted(folder.glob("*.txt"))
-        if paths and not read_run(paths[0])["meta"]["hyperparameters"]["target_val_loss"]:
+        if paths and not any(hyperparameters(p).get("target_val_loss") for p in paths):
             continue
         try:
             result = check(paths)
