@@ -138,13 +138,64 @@ def test_scoring_an_esm_model_equals_running_each_sequence_alone(esm_dir, small_
         assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)
 
 
-def test_another_vocabulary_is_refused(esm_dir, small_shards, tmp_path):
+@pytest.fixture(scope="module")
+def other_vocab_dir(esm_dir, tmp_path_factory) -> Path:
+    """The ESM model of esm_dir with an AMPLIFY-like vocabulary: other order, <bos> for <cls>, a "|" token we do not
+    have (with a real head row, so it takes probability mass), and none of ESM-2's ".", "-" and <null_1>."""
+    tokens = ["<pad>", "<unk>", "<mask>", "<bos>", "<eos>", "|", *VOCAB[4:29][::-1]]
+    ours = [VOCAB.index(t) if t in VOCAB else None for t in tokens]
+    ours[3] = VOCAB.index("<cls>")
+    esm = transformers.EsmForMaskedLM.from_pretrained(esm_dir)
+    state = esm.state_dict()
+    torch.manual_seed(1)
+    for name in ("esm.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.bias"):
+        state[name] = torch.stack([state[name][i] if i is not None else torch.randn_like(state[name][0])
+                                   for i in ours])
+    config = esm.config.to_dict() | {"vocab_size": len(tokens), "pad_token_id": 0, "mask_token_id": 2}
+    other = transformers.EsmForMaskedLM(transformers.EsmConfig(**config))
+    other.load_state_dict(state)
+    out = tmp_path_factory.mktemp("other")
+    other.save_pretrained(out)
+    (out / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    transformers.EsmTokenizer(str(out / "vocab.txt"), cls_token="<bos>").save_pretrained(out)
+    return out
+
+
+def test_a_model_with_another_vocabulary_is_scored_through_its_own_tokenizer(other_vocab_dir, small_shards):
+    """The reference spells each frozen document out in letters, encodes it with the model's own tokenizer and takes
+    cross-entropy and argmax over the model's whole vocabulary."""
+    scores = score(other_vocab_dir, small_shards, splits=["valid"], tokens_per_batch=4096)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(other_vocab_dir)
+    model = transformers.EsmForMaskedLM.from_pretrained(other_vocab_dir).eval()
+    files = sorted(small_shards.glob("*_valid_*.bin"))
+    for scheme in SCHEMES:
+        loss_sum, correct, count = 0.0, 0, 0
+        for b in eval_batches(files, 4096, scheme):
+            for doc in b.doc_ids[b.input_ids != PAD].unique():
+                where = torch.nonzero(b.doc_ids == doc)[:, 0]
+                start, rows = where[0], torch.isin(b.mask_idx, where) & (b.targets != -100)
+                residues = "".join(VOCAB[i] for i in b.input_ids[where[1:-1]])  # between <cls> and <eos>
+                ids = tokenizer(residues, return_tensors="pt")["input_ids"]
+                assert ids.shape[1] == len(where)
+                with torch.no_grad():
+                    logits = model(ids).logits[0][b.mask_idx[rows] - start]
+                targets = torch.tensor(tokenizer.convert_tokens_to_ids([VOCAB[t] for t in b.targets[rows]]))
+                loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+                correct += (logits.argmax(-1) == targets).sum().item()
+                count += rows.sum().item()
+        key = "valid" if scheme == "mask" else "valid_801010"
+        assert scores[f"{key}_tokens"] == count
+        assert scores[f"{key}_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
+        assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)
+
+
+def test_a_vocabulary_without_the_amino_acids_is_refused(esm_dir, small_shards, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     for f in esm_dir.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
-    (other / "vocab.txt").write_text("\n".join(["<pad>", "<unk>", "<mask>", "<bos>", "<eos>", *VOCAB[4:29]]) + "\n")
-    with pytest.raises(HFError, match="not ESM-2's"):
+    (other / "vocab.txt").write_text("\n".join(["<pad>", "<unk>", "<mask>", "<cls>", "<eos>", *"ACDEFGHIKL"]) + "\n")
+    with pytest.raises(HFError, match="has no token for V S R T P Q N Y M W;"):
         score(other, small_shards)
 
 

@@ -1,15 +1,17 @@
-"""Hugging Face interop: export a checkpoint as a model folder; score any ESM-2-vocabulary masked LM on our frozen sets.
+"""Hugging Face interop: export a checkpoint as a model folder; score any protein masked LM on our frozen sets.
 
     python -m tools.hf export checkpoints/step_000200.pt --out hf/plmrun-sp2014
     python -m tools.hf score hf/plmrun-sp2014 --data data/sp2014
     python -m tools.hf score path/to/esm2_t6_8M_UR50D --data data/sp2014 [--splits valid] [--device cuda]
+    python -m tools.hf score path/to/AMPLIFY_120M --data data/sp2014 --trust_remote_code
 
 An exported folder holds model.safetensors, config.json, the ESM-2 tokenizer, this checkout's model.py and a small
 wrapper (tools/hf_export/modeling_plmrun.py): AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True) loads
 it. `score` is train.py's frozen evaluation (the same batches and masks, train.evaluate's token-weighted
 cross-entropy and accuracy) for such a folder or any EsmForMaskedLM folder (ESM-2 8M..3B); for our own folders it
-gives exactly the losses of `train.py --eval_only` on the checkpoint. transformers and safetensors are needed here
-only: training never imports this module.
+gives exactly the losses of `train.py --eval_only` on the checkpoint. A model with another vocabulary (AMPLIFY's,
+say) is scored on the same masked residues through its own token ids, with cross-entropy over its whole
+vocabulary. transformers and safetensors are needed here only: training never imports this module.
 """
 import argparse
 import dataclasses
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 import train
-from dataloader import PAD, VOCAB, check_tokens_per_batch, eval_batches
+from dataloader import PAD, STANDARD_AA, VOCAB, check_tokens_per_batch, eval_batches
 from model import PRESETS, Model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,38 +97,93 @@ class PackedRows(torch.nn.Module):
         return logits[attention_mask][mask_idx].float()
 
 
-def check_vocab(model_dir: Path, trust_remote_code: bool) -> None:
+class OtherVocabulary(torch.nn.Module):
+    """A masked LM with a vocabulary of its own, called like our Model on a packed evaluation buffer: each document
+    alone (so no padding, whose mask argument differs between models), in its own token ids. It returns
+    log-probabilities over its whole vocabulary, laid out in our token order (-inf for a token it lacks) with one
+    more column holding the mass of its tokens we lack: cross-entropy and argmax over these columns are those over
+    its own vocabulary (a masked residue it has no token for scores as impossible: an infinite loss)."""
+
+    def __init__(self, hf_model, theirs: torch.Tensor, unk: int):
+        super().__init__()
+        self.hf = hf_model
+        self.register_buffer("inputs", torch.where(theirs >= 0, theirs, unk))  # what it reads for each of our ids
+        self.register_buffer("ours", theirs.clamp(min=0))
+        self.register_buffer("lacking", theirs < 0)
+
+    def forward(self, input_ids, doc_ids, mask_idx, targets, window):
+        _, lengths = torch.unique_consecutive(doc_ids, return_counts=True)
+        rows = []
+        for doc in input_ids.split(lengths.tolist()):
+            if doc[0] == PAD:  # the buffer's <pad> tail holds no masked token
+                rows.append(torch.zeros(len(doc), len(VOCAB) + 1, device=doc.device))
+                continue
+            logp = self.hf(self.inputs[doc.long()][None]).logits[0].float().log_softmax(-1)
+            extra = torch.ones(logp.size(-1), dtype=torch.bool, device=logp.device)
+            extra[self.ours[~self.lacking]] = False
+            ours = logp[:, self.ours].masked_fill(self.lacking, float("-inf"))
+            rows.append(torch.cat([ours, logp[:, extra].logsumexp(-1, keepdim=True)], dim=-1))
+        return torch.cat(rows)[mask_idx]
+
+
+SPECIAL_ROLES = {"<cls>": ("cls_token", "bos_token"), "<pad>": ("pad_token",), "<eos>": ("eos_token", "sep_token"),
+                 "<unk>": ("unk_token",), "<mask>": ("mask_token",)}
+
+
+def vocabulary_map(model_dir: Path, trust_remote_code: bool) -> tuple[torch.Tensor, int] | None:
+    """None for ESM-2's vocabulary. Otherwise the model's id of each of our token ids (-1 where it lacks one), matched
+    by the tokenizer's special-token roles and by residue letter, and its <unk> id (what it reads for a lacking one)."""
     from transformers import AutoTokenizer
     try:
-        vocab = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).get_vocab()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise HFError(f"{model_dir}: cannot load its tokenizer ({e}); the folder needs the tokenizer files of the "
-                      "model (for ESM-2: vocab.txt and tokenizer_config.json)")
-    theirs = sorted(vocab, key=vocab.get)
-    if theirs != VOCAB:
-        raise HFError(f"{model_dir}: its tokenizer's vocabulary ({len(theirs)} tokens: {' '.join(theirs[:8])} ...) is "
-                      f"not ESM-2's ({len(VOCAB)} tokens: {' '.join(VOCAB[:8])} ...). The frozen sets are ESM-2 token "
-                      "ids, so only models with ESM-2's vocabulary can be scored (AMPLIFY's is not supported yet)")
+                      "model (for ESM-2: vocab.txt and tokenizer_config.json; a model with its own tokenizer code "
+                      "also needs --trust_remote_code)")
+    vocab = tokenizer.get_vocab()
+    if sorted(vocab, key=vocab.get) == VOCAB:
+        return None
+    theirs = []
+    for token in VOCAB:
+        names = [getattr(tokenizer, role, None) for role in SPECIAL_ROLES.get(token, ())] or [token]
+        theirs.append(next((vocab[n] for n in names if n in vocab), -1))
+    needed = ["<cls>", "<eos>", "<unk>", "<mask>", *VOCAB[STANDARD_AA[0]:STANDARD_AA[1]]]
+    missing = [t for t, i in zip(VOCAB, theirs) if i < 0 and t in needed]
+    if missing:
+        raise HFError(f"{model_dir}: its tokenizer ({len(vocab)} tokens) has no token for {' '.join(missing)}; a "
+                      "masked protein LM needs the 20 amino acids as single letters, mask and unknown tokens, a "
+                      "start (cls or bos) and an end (eos) token")
+    return torch.tensor(theirs), theirs[VOCAB.index("<unk>")]
 
 
-def load_for_scoring(model_dir: Path, device: torch.device, max_len: int):
-    """The model of a folder, callable as our Model: ours unwrapped (exactly train.py's evaluation), others in
-    PackedRows. Refuses a model that takes fewer than max_len tokens."""
-    from transformers import AutoModelForMaskedLM
+def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_remote_code: bool = False):
+    """The model of a folder, callable as our Model: ours unwrapped (exactly train.py's evaluation), other ESM-2
+    vocabulary models in PackedRows, other vocabularies in OtherVocabulary. Refuses a model that takes fewer than
+    max_len tokens."""
+    from transformers import AutoModel, AutoModelForMaskedLM
     if not (model_dir / "config.json").is_file():
         raise HFError(f"{model_dir} has no config.json; pass a Hugging Face model folder (save_pretrained's output "
                       "or one exported by python -m tools.hf export)")
     config = json.loads((model_dir / "config.json").read_text())
     ours = config.get("model_type") == "plmrun"  # our own code, copied into the folder at export: trusted
-    check_vocab(model_dir, trust_remote_code=ours)
+    trust_remote_code = trust_remote_code or ours
+    mapping = vocabulary_map(model_dir, trust_remote_code)
     # ESM counts <cls> and <eos> in its positions and (like RoBERTa) keeps two: 1026 positions take 1024 tokens
     limit = config["max_len"] if ours else config.get("max_position_embeddings", max_len + 2) - 2
     if max_len > limit:
         raise HFError(f"{model_dir} takes documents of at most {limit} tokens, the frozen sets crop them at {max_len}; "
                       f"pass --max_len {limit} (the losses are then those of sequences cropped to {limit - 2} "
                       "residues, not comparable with the 1024-token frozen metric)")
-    hf = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=ours, dtype=torch.float32)
+    try:
+        hf = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except ValueError as e:  # remote code that registers only AutoModel (AMPLIFY's), or code not trusted
+        if not trust_remote_code:
+            raise HFError(f"{model_dir}: transformers cannot build this model ({e}); if it ships its own modelling "
+                          "code and you trust it, pass --trust_remote_code")
+        hf = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
     hf.to(device).eval()
+    if mapping is not None:
+        return OtherVocabulary(hf, *mapping).to(device)
     if not ours:
         return PackedRows(hf)
     # compiled on the GPU, as train.py does: FlexAttention run eagerly materialises the T x T scores
@@ -134,7 +191,7 @@ def load_for_scoring(model_dir: Path, device: torch.device, max_len: int):
 
 
 def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batch: int = 65536, max_len: int = 1024,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", trust_remote_code: bool = False) -> dict:
     """train.py's frozen-set losses and accuracies of a model folder, under the keys train.py logs them with."""
     device = torch.device(device)
     try:
@@ -145,7 +202,7 @@ def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batc
     for split, files in shards.items():
         if not files:
             raise HFError(f"--data {data}: no *_{split}_*.bin shards; make them with data/prepare.py (README: Setup)")
-    model = load_for_scoring(model_dir, device, max_len)
+    model = load_for_scoring(model_dir, device, max_len, trust_remote_code)
     window = torch.tensor(max_len, dtype=torch.int32, device=device)
     results = {"model": str(model_dir), "data": str(data), "data_sha256": train.data_sha256(data), "max_len": max_len}
     for split in splits:
@@ -175,11 +232,13 @@ def main(argv=None):
     s.add_argument("--max_len", type=int, default=1024, help="documents are cropped to this many tokens")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     s.add_argument("--out", type=Path, help="the JSON file of the scores (default: scores_MODELNAME.json here)")
+    s.add_argument("--trust_remote_code", action="store_true",
+                   help="run modelling and tokenizer code shipped in the folder (AMPLIFY's, for one)")
     a = p.parse_args(argv)
     if a.command == "export":
         print(f"wrote {export(a.checkpoint, a.out)}")
         return
-    results = score(a.model_dir, a.data, a.splits, a.tokens_per_batch, a.max_len, a.device)
+    results = score(a.model_dir, a.data, a.splits, a.tokens_per_batch, a.max_len, a.device, a.trust_remote_code)
     out = a.out or Path(f"scores_{a.model_dir.resolve().name}.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
