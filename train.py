@@ -195,8 +195,9 @@ class RunLog:
         if self.master:
             self.txt.write(text + "\n")
             self.txt.flush()
-            if record:
+            if record:  # flushed: a run killed while compiling still tells tools what it was
                 self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
 
     def line(self, text: str, **record):
         if not self.master:
@@ -532,7 +533,7 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
     r = {"preset": a.preset, "world_size": world, "tokens_per_rank": a.tokens_per_rank, "grad_accum": a.grad_accum,
          "tokens_per_sec": tokens / step_s, "ms_per_step": 1000 * step_s, "mfu": flops / (PEAK_FLOPS * world),
          "model_tflops_per_gpu": flops / world / 1e12, "mean_keys_per_token": keys, "compile_s": compile_s,
-         "train_losses": [x.item() for x in losses]}
+         "train_losses": (all_reduce_sum(torch.stack(losses)) / world).tolist()}  # the mean over ranks, as logged
     text = (f"bench: {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_step']:.1f} ms/step | MFU {100 * r['mfu']:.1f}% "
             f"({r['model_tflops_per_gpu']:.0f} TFLOP/s per GPU, {keys:.0f} keys per token) | compile {compile_s:.0f}s"
             f" | train loss {r['train_losses'][0]:.3f} -> {r['train_losses'][-1]:.3f} over the timed steps")

@@ -138,27 +138,32 @@ def test_scoring_an_esm_model_equals_running_each_sequence_alone(esm_dir, small_
         assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)
 
 
-@pytest.fixture(scope="module")
-def other_vocab_dir(esm_dir, tmp_path_factory) -> Path:
-    """The ESM model of esm_dir with an AMPLIFY-like vocabulary: other order, <bos> for <cls>, a "|" token we do not
-    have (with a real head row, so it takes probability mass), and none of ESM-2's ".", "-" and <null_1>."""
-    tokens = ["<pad>", "<unk>", "<mask>", "<bos>", "<eos>", "|", *VOCAB[4:29][::-1]]
-    ours = [VOCAB.index(t) if t in VOCAB else None for t in tokens]
-    ours[3] = VOCAB.index("<cls>")
+def remap_vocabulary(esm_dir: Path, tokens: list[str], out: Path, **special) -> Path:
+    """The ESM model of esm_dir with the vocabulary `tokens`: rows of ours where the token is ours (<bos> takes
+    <cls>'s), random rows (a real share of the probability) for the others."""
+    ours = [VOCAB.index("<cls>" if t == "<bos>" else t) if t in VOCAB or t == "<bos>" else None for t in tokens]
     esm = transformers.EsmForMaskedLM.from_pretrained(esm_dir)
     state = esm.state_dict()
     torch.manual_seed(1)
     for name in ("esm.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.bias"):
         state[name] = torch.stack([state[name][i] if i is not None else torch.randn_like(state[name][0])
                                    for i in ours])
-    config = esm.config.to_dict() | {"vocab_size": len(tokens), "pad_token_id": 0, "mask_token_id": 2}
+    config = esm.config.to_dict() | {"vocab_size": len(tokens), "pad_token_id": tokens.index("<pad>"),
+                                     "mask_token_id": tokens.index("<mask>")}
     other = transformers.EsmForMaskedLM(transformers.EsmConfig(**config))
     other.load_state_dict(state)
-    out = tmp_path_factory.mktemp("other")
     other.save_pretrained(out)
     (out / "vocab.txt").write_text("\n".join(tokens) + "\n")
-    transformers.EsmTokenizer(str(out / "vocab.txt"), cls_token="<bos>").save_pretrained(out)
+    transformers.EsmTokenizer(str(out / "vocab.txt"), cls_token="<bos>", **special).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def other_vocab_dir(esm_dir, tmp_path_factory) -> Path:
+    """An AMPLIFY-like vocabulary: another order, <bos> for <cls>, a "|" token we do not have, none of ESM-2's
+    ".", "-" and <null_1>, and "X" as its unknown token (so one token of theirs stands for two of ours)."""
+    tokens = ["<pad>", "<mask>", "<bos>", "<eos>", "|", *VOCAB[4:29][::-1]]
+    return remap_vocabulary(esm_dir, tokens, tmp_path_factory.mktemp("other"), unk_token="X")
 
 
 def test_a_model_with_another_vocabulary_is_scored_through_its_own_tokenizer(other_vocab_dir, small_shards):
@@ -190,13 +195,44 @@ def test_a_model_with_another_vocabulary_is_scored_through_its_own_tokenizer(oth
 
 
 def test_a_vocabulary_without_the_amino_acids_is_refused(esm_dir, small_shards, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in esm_dir.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    (other / "vocab.txt").write_text("\n".join(["<pad>", "<unk>", "<mask>", "<cls>", "<eos>", *"ACDEFGHIKL"]) + "\n")
+    tokens = ["<pad>", "<unk>", "<mask>", "<bos>", "<eos>", *"ACDEFGHIKL"]
+    other = remap_vocabulary(esm_dir, tokens, tmp_path / "other")
     with pytest.raises(HFError, match="has no token for V S R T P Q N Y M W;"):
         score(other, small_shards)
+
+
+def test_a_model_lacking_a_masked_residue_is_refused(esm_dir, tmp_path):
+    """Rare letters need no token of their own, but a frozen set that masks one the model lacks cannot be scored."""
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text("".join(f">s{i}\n{'MKXXLAXXGVXX' * 10}\n" for i in range(30)))
+    data = tmp_path / "shards"
+    subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(fasta), "--out", str(data),
+                    "--name", "x", "--num_valid", "10", "--num_test", "10"], check=True, capture_output=True)
+    tokens = ["<pad>", "<unk>", "<mask>", "<bos>", "<eos>", *(t for t in VOCAB[4:29] if t != "X")]
+    other = remap_vocabulary(esm_dir, tokens, tmp_path / "other")
+    with pytest.raises(HFError, match="has no token for X, which the frozen valid set masks"):
+        score(other, data, splits=["valid"], tokens_per_batch=2048)
+
+
+def test_a_model_registered_only_as_automodel_loads_with_trust_remote_code(checkpoint, exported, small_shards,
+                                                                          tmp_path):
+    """AMPLIFY's remote code registers AutoModel only. Our exported folder, so registered and given another
+    model_type, is foreign code: refused without --trust_remote_code, and scored as our own folder is with it."""
+    other = tmp_path / "remote"
+    other.mkdir()
+    for f in exported.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    config = json.loads((other / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": config["auto_map"]["AutoConfig"],
+                          "AutoModel": config["auto_map"]["AutoModelForMaskedLM"]}
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "someone-elses"}))
+    args = dict(splits=["valid"], tokens_per_batch=2048, max_len=512)
+    with pytest.raises(HFError, match="pass --trust_remote_code if you trust it"):
+        score(other, small_shards, **args)
+    remote = score(other, small_shards, trust_remote_code=True, **args)
+    ours = score(exported, small_shards, **args)
+    for key in ("valid_loss", "valid_801010_loss"):
+        assert remote[key] == pytest.approx(ours[key], rel=1e-5)
 
 
 def test_export_refuses_a_file_that_is_not_a_train_checkpoint(tmp_path):

@@ -118,6 +118,12 @@ def test_leaderboard_is_made_from_the_logs(attempt, tmp_path):
     jsonl.write_text(jsonl.read_text().splitlines(keepends=True)[0])
     assert leaderboard(logs, readme) == table
 
+    killed = copy_logs(attempt[:1], logs / "killed")  # a run killed before its run record was written
+    killed[0].with_suffix(".jsonl").write_text("")
+    with pytest.raises(RecordError, match="no run record"):
+        leaderboard(logs, readme)
+    shutil.rmtree(logs / "killed")
+
     copy_logs(attempt[:2], logs / "too_few")  # a folder that is not a record stops the table, saying why
     with pytest.raises(RecordError, match="too_few is not a record: an attempt needs at least 3 runs"):
         leaderboard(logs, readme)

@@ -100,29 +100,25 @@ class PackedRows(torch.nn.Module):
 class OtherVocabulary(torch.nn.Module):
     """A masked LM with a vocabulary of its own, called like our Model on a packed evaluation buffer: each document
     alone (so no padding, whose mask argument differs between models), in its own token ids. It returns
-    log-probabilities over its whole vocabulary, laid out in our token order (-inf for a token it lacks) with one
-    more column holding the mass of its tokens we lack: cross-entropy and argmax over these columns are those over
-    its own vocabulary (a masked residue it has no token for scores as impossible: an infinite loss)."""
+    log-probabilities over its whole vocabulary, in our token order first (-inf for a token it lacks), then its
+    tokens we lack: cross-entropy and argmax over these columns are those over its own vocabulary."""
 
-    def __init__(self, hf_model, theirs: torch.Tensor, unk: int):
+    def __init__(self, hf_model, reads: torch.Tensor, columns: torch.Tensor):
         super().__init__()
         self.hf = hf_model
-        self.register_buffer("inputs", torch.where(theirs >= 0, theirs, unk))  # what it reads for each of our ids
-        self.register_buffer("ours", theirs.clamp(min=0))
-        self.register_buffer("lacking", theirs < 0)
+        self.register_buffer("reads", reads)  # see vocabulary_map
+        self.register_buffer("columns", columns)
 
     def forward(self, input_ids, doc_ids, mask_idx, targets, window):
         _, lengths = torch.unique_consecutive(doc_ids, return_counts=True)
+        lengths = lengths[input_ids[lengths.cumsum(0) - lengths] != PAD]  # the buffer's <pad> tail: nothing masked
         rows = []
-        for doc in input_ids.split(lengths.tolist()):
-            if doc[0] == PAD:  # the buffer's <pad> tail holds no masked token
-                rows.append(torch.zeros(len(doc), len(VOCAB) + 1, device=doc.device))
-                continue
-            logp = self.hf(self.inputs[doc.long()][None]).logits[0].float().log_softmax(-1)
-            extra = torch.ones(logp.size(-1), dtype=torch.bool, device=logp.device)
-            extra[self.ours[~self.lacking]] = False
-            ours = logp[:, self.ours].masked_fill(self.lacking, float("-inf"))
-            rows.append(torch.cat([ours, logp[:, extra].logsumexp(-1, keepdim=True)], dim=-1))
+        for doc in input_ids[:int(lengths.sum())].split(lengths.tolist()):
+            logp = self.hf(self.reads[doc.long()][None]).logits[0].float().log_softmax(-1)
+            rest = torch.ones(logp.size(-1), dtype=torch.bool, device=logp.device)
+            rest[self.columns[self.columns >= 0]] = False
+            ours = logp[:, self.columns.clamp(min=0)].masked_fill(self.columns < 0, float("-inf"))
+            rows.append(torch.cat([ours, logp[:, rest]], dim=-1))
         return torch.cat(rows)[mask_idx]
 
 
@@ -130,9 +126,10 @@ SPECIAL_ROLES = {"<cls>": ("cls_token", "bos_token"), "<pad>": ("pad_token",), "
                  "<unk>": ("unk_token",), "<mask>": ("mask_token",)}
 
 
-def vocabulary_map(model_dir: Path, trust_remote_code: bool) -> tuple[torch.Tensor, int] | None:
-    """None for ESM-2's vocabulary. Otherwise the model's id of each of our token ids (-1 where it lacks one), matched
-    by the tokenizer's special-token roles and by residue letter, and its <unk> id (what it reads for a lacking one)."""
+def vocabulary_map(model_dir: Path, trust_remote_code: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """None for ESM-2's vocabulary. Otherwise, for each of our token ids: the model's id it reads (matched by residue
+    letter or by the tokenizer's special-token role, <unk> where it lacks the token) and the model's id whose
+    probability our column shows (-1 for none: lacking, or shown by another column already)."""
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -143,17 +140,22 @@ def vocabulary_map(model_dir: Path, trust_remote_code: bool) -> tuple[torch.Tens
     vocab = tokenizer.get_vocab()
     if sorted(vocab, key=vocab.get) == VOCAB:
         return None
-    theirs = []
+    found = []
     for token in VOCAB:
         names = [getattr(tokenizer, role, None) for role in SPECIAL_ROLES.get(token, ())] or [token]
-        theirs.append(next((vocab[n] for n in names if n in vocab), -1))
+        found.append(next((vocab[n] for n in names if n in vocab), -1))
     needed = ["<cls>", "<eos>", "<unk>", "<mask>", *VOCAB[STANDARD_AA[0]:STANDARD_AA[1]]]
-    missing = [t for t, i in zip(VOCAB, theirs) if i < 0 and t in needed]
+    missing = [t for t, i in zip(VOCAB, found) if i < 0 and t in needed]
     if missing:
         raise HFError(f"{model_dir}: its tokenizer ({len(vocab)} tokens) has no token for {' '.join(missing)}; a "
                       "masked protein LM needs the 20 amino acids as single letters, mask and unknown tokens, a "
                       "start (cls or bos) and an end (eos) token")
-    return torch.tensor(theirs), theirs[VOCAB.index("<unk>")]
+    columns = [-1] * len(VOCAB)
+    for t in sorted(range(len(VOCAB)), key=lambda t: VOCAB[t] in SPECIAL_ROLES):  # an unk token "X" shows as X
+        if found[t] not in columns:  # each probability in one column only, or cross-entropy would count it twice
+            columns[t] = found[t]
+    unk = found[VOCAB.index("<unk>")]
+    return torch.tensor([i if i >= 0 else unk for i in found]), torch.tensor(columns)
 
 
 def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_remote_code: bool = False):
@@ -174,13 +176,14 @@ def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_
         raise HFError(f"{model_dir} takes documents of at most {limit} tokens, the frozen sets crop them at {max_len}; "
                       f"pass --max_len {limit} (the losses are then those of sequences cropped to {limit - 2} "
                       "residues, not comparable with the 1024-token frozen metric)")
+    auto_map = config.get("auto_map", {})
+    base_only = "AutoModel" in auto_map and "AutoModelForMaskedLM" not in auto_map  # AMPLIFY's code registers so
+    auto = AutoModel if base_only and trust_remote_code else AutoModelForMaskedLM
     try:
-        hf = AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    except ValueError as e:  # remote code that registers only AutoModel (AMPLIFY's), or code not trusted
-        if not trust_remote_code:
-            raise HFError(f"{model_dir}: transformers cannot build this model ({e}); if it ships its own modelling "
-                          "code and you trust it, pass --trust_remote_code")
-        hf = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+        hf = auto.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except ValueError as e:
+        hint = "; it ships its own modelling code: pass --trust_remote_code if you trust it" if auto_map else ""
+        raise HFError(f"{model_dir}: transformers cannot build it as a masked LM ({e}){hint}")
     hf.to(device).eval()
     if mapping is not None:
         return OtherVocabulary(hf, *mapping).to(device)
@@ -208,6 +211,12 @@ def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batc
     for split in splits:
         for scheme in train.SCHEMES:
             batches = [b.to(device) for b in eval_batches(shards[split], tokens_per_batch, scheme, max_len=max_len)]
+            if isinstance(model, OtherVocabulary):
+                masked = torch.cat([b.targets[b.targets >= 0] for b in batches]).unique()
+                lacking = [VOCAB[t] for t in masked.tolist() if model.columns[t] < 0]
+                if lacking:
+                    raise HFError(f"{model_dir}: its tokenizer has no token for {' '.join(lacking)}, which the frozen "
+                                  f"{split} set masks: the model cannot score those residues")
             r = train.evaluate(model, batches, window)
             key = train.metric_key(split, scheme)
             results.update({f"{key}_loss": r["loss"], f"{key}_accuracy": r["accuracy"], f"{key}_tokens": r["tokens"]})

@@ -57,11 +57,15 @@ def read_run(txt) -> dict:
 
 
 def hyperparameters(txt) -> dict:
-    """A log's hyperparameters from its run record, the JSONL's first line: there even if the run never finished
-    (a run stopped and continued with --resume leaves one unfinished log per stop)."""
+    """A log's hyperparameters from its run record: there even if the run never finished (a run stopped and
+    continued with --resume leaves one unfinished log per stop)."""
     jsonl = Path(txt).with_suffix(".jsonl")
-    first = json.loads(jsonl.read_text().split("\n", 1)[0]) if jsonl.is_file() else {}
-    return first.get("hyperparameters", {})
+    if not jsonl.is_file():
+        raise RecordError(f"{txt}: a run log is a .txt with its .jsonl twin beside it; the .jsonl is missing")
+    record = next((r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("kind") == "run"), None)
+    if record is None:
+        raise RecordError(f"{jsonl}: no run record; the run stopped before it started logging")
+    return record["hyperparameters"]
 
 
 def tokens_trained(run: dict) -> int:
