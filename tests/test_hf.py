@@ -117,25 +117,31 @@ def test_a_model_shorter_than_the_frozen_crop_is_refused_with_the_flag_to_pass(e
     assert r.returncode == 1 and "pass --max_len 512" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_scoring_an_esm_model_equals_running_each_sequence_alone(esm_dir, small_shards):
-    scores = score(esm_dir, small_shards, splits=["valid"], tokens_per_batch=4096)
-    esm = transformers.EsmForMaskedLM.from_pretrained(esm_dir).eval()
-    files = sorted(small_shards.glob("*_valid_*.bin"))
+def assert_scores_are_per_document(scores, shards: Path, run_document):
+    """The valid scores equal cross-entropy and accuracy with each document run alone:
+    run_document(its token ids, its masked positions, their targets) -> (logits, targets in the model's ids)."""
     for scheme in SCHEMES:
         loss_sum, correct, count = 0.0, 0, 0
-        for b in eval_batches(files, 4096, scheme):
+        for b in eval_batches(sorted(shards.glob("*_valid_*.bin")), 4096, scheme):
             for doc in b.doc_ids[b.input_ids != PAD].unique():
                 where = torch.nonzero(b.doc_ids == doc)[:, 0]
-                start, rows = where[0], torch.isin(b.mask_idx, where) & (b.targets != -100)
+                rows = torch.isin(b.mask_idx, where) & (b.targets != -100)
                 with torch.no_grad():
-                    logits = esm(input_ids=b.input_ids[where][None].long()).logits[0][b.mask_idx[rows] - start]
-                loss_sum += F.cross_entropy(logits, b.targets[rows], reduction="sum").item()
-                correct += (logits.argmax(-1) == b.targets[rows]).sum().item()
-                count += rows.sum().item()
+                    logits, targets = run_document(b.input_ids[where], b.mask_idx[rows] - where[0], b.targets[rows])
+                loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+                correct += (logits.argmax(-1) == targets).sum().item()
+                count += len(targets)
         key = "valid" if scheme == "mask" else "valid_801010"
         assert scores[f"{key}_tokens"] == count
         assert scores[f"{key}_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
         assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)
+
+
+def test_scoring_an_esm_model_equals_running_each_sequence_alone(esm_dir, small_shards):
+    scores = score(esm_dir, small_shards, splits=["valid"], tokens_per_batch=4096)
+    esm = transformers.EsmForMaskedLM.from_pretrained(esm_dir).eval()
+    assert_scores_are_per_document(scores, small_shards,
+                                   lambda ids, at, targets: (esm(input_ids=ids[None].long()).logits[0][at], targets))
 
 
 def remap_vocabulary(esm_dir: Path, tokens: list[str], out: Path, **special) -> Path:
@@ -172,26 +178,14 @@ def test_a_model_with_another_vocabulary_is_scored_through_its_own_tokenizer(oth
     scores = score(other_vocab_dir, small_shards, splits=["valid"], tokens_per_batch=4096)
     tokenizer = transformers.AutoTokenizer.from_pretrained(other_vocab_dir)
     model = transformers.EsmForMaskedLM.from_pretrained(other_vocab_dir).eval()
-    files = sorted(small_shards.glob("*_valid_*.bin"))
-    for scheme in SCHEMES:
-        loss_sum, correct, count = 0.0, 0, 0
-        for b in eval_batches(files, 4096, scheme):
-            for doc in b.doc_ids[b.input_ids != PAD].unique():
-                where = torch.nonzero(b.doc_ids == doc)[:, 0]
-                start, rows = where[0], torch.isin(b.mask_idx, where) & (b.targets != -100)
-                residues = "".join(VOCAB[i] for i in b.input_ids[where[1:-1]])  # between <cls> and <eos>
-                ids = tokenizer(residues, return_tensors="pt")["input_ids"]
-                assert ids.shape[1] == len(where)
-                with torch.no_grad():
-                    logits = model(ids).logits[0][b.mask_idx[rows] - start]
-                targets = torch.tensor(tokenizer.convert_tokens_to_ids([VOCAB[t] for t in b.targets[rows]]))
-                loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-                correct += (logits.argmax(-1) == targets).sum().item()
-                count += rows.sum().item()
-        key = "valid" if scheme == "mask" else "valid_801010"
-        assert scores[f"{key}_tokens"] == count
-        assert scores[f"{key}_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
-        assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)
+
+    def run_document(ids, at, targets):
+        residues = "".join(VOCAB[i] for i in ids[1:-1])  # between <cls> and <eos>
+        theirs = tokenizer(residues, return_tensors="pt")["input_ids"]
+        assert theirs.shape[1] == len(ids)
+        return model(theirs).logits[0][at], torch.tensor(tokenizer.convert_tokens_to_ids([VOCAB[t] for t in targets]))
+
+    assert_scores_are_per_document(scores, small_shards, run_document)
 
 
 def test_a_vocabulary_without_the_amino_acids_is_refused(esm_dir, small_shards, tmp_path):
