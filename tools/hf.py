@@ -75,6 +75,13 @@ def save_tokenizer(out: Path, max_len: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # scoring
 
+def document_lengths(input_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """The lengths of a packed evaluation buffer's real documents, which fill its start in order; each <pad> of the
+    buffer's tail is a document of its own, with nothing masked, and is left out."""
+    _, lengths = torch.unique_consecutive(doc_ids, return_counts=True)
+    return lengths[input_ids[lengths.cumsum(0) - lengths] != PAD]
+
+
 class PackedRows(torch.nn.Module):
     """A [batch, length] masked LM called like our Model on a packed evaluation buffer: every document becomes a row
     of its own (attention mask 1 on its tokens), so each sequence is seen as if it ran alone; ESM-2's token dropout,
@@ -85,15 +92,13 @@ class PackedRows(torch.nn.Module):
         self.hf = hf_model
 
     def forward(self, input_ids, doc_ids, mask_idx, targets, window):
-        _, lengths = torch.unique_consecutive(doc_ids, return_counts=True)
+        lengths = document_lengths(input_ids, doc_ids)
         starts = lengths.cumsum(0) - lengths
-        real = input_ids[starts] != PAD  # each <pad> of a buffer's tail is a document of its own
-        starts, lengths = starts[real], lengths[real]
         col = torch.arange(int(lengths.max()), device=input_ids.device)
         attention_mask = col < lengths[:, None]
         rows = torch.where(attention_mask, input_ids[(starts[:, None] + col).clamp(max=len(input_ids) - 1)], PAD)
         logits = self.hf(input_ids=rows.long(), attention_mask=attention_mask.long()).logits
-        # the real documents fill the start of the buffer in order, so their tokens row by row are buffer positions
+        # the real documents fill the start of the buffer, so their tokens row by row are buffer positions
         return logits[attention_mask][mask_idx].float()
 
 
@@ -110,8 +115,7 @@ class OtherVocabulary(torch.nn.Module):
         self.register_buffer("columns", columns)
 
     def forward(self, input_ids, doc_ids, mask_idx, targets, window):
-        _, lengths = torch.unique_consecutive(doc_ids, return_counts=True)
-        lengths = lengths[input_ids[lengths.cumsum(0) - lengths] != PAD]  # the buffer's <pad> tail: nothing masked
+        lengths = document_lengths(input_ids, doc_ids)
         rows = []
         for doc in input_ids[:int(lengths.sum())].split(lengths.tolist()):
             logp = self.hf(self.reads[doc.long()][None]).logits[0].float().log_softmax(-1)

@@ -33,6 +33,18 @@ class RecordError(Exception):
     pass
 
 
+def run_record(txt) -> dict:
+    """A log's run record (hyperparameters, data hash, world size, date): there even if the run never finished (a
+    run stopped and continued with --resume leaves one unfinished log per stop)."""
+    jsonl = Path(txt).with_suffix(".jsonl")
+    if not jsonl.is_file():
+        raise RecordError(f"{txt}: a run log is a .txt with its .jsonl twin beside it; the .jsonl is missing")
+    record = next((r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("kind") == "run"), None)
+    if record is None:
+        raise RecordError(f"{jsonl}: no run record; the run stopped before it started logging")
+    return record
+
+
 def read_run(txt) -> dict:
     """The sources, run record (hyperparameters, data hash, world size, date), evaluations and outcome of a log."""
     txt = Path(txt)
@@ -45,27 +57,15 @@ def read_run(txt) -> dict:
     block = text.split(SEPARATOR)[1]
     parts = SOURCE_HEADER.split(block)
     sources = {name: body[:-1] for name, body in zip(parts[1::2], parts[2::2])}  # header() added one newline
+    meta = run_record(txt)
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    meta = next((r for r in records if r.get("kind") == "run"), None)
     outcome = next((r for r in records if "target_reached" in r), None)
     final = next((r for r in records if "test_loss" in r), None)
-    if meta is None or outcome is None or final is None:
-        raise RecordError(f"{jsonl}: the run did not finish (no run record, final evaluation or outcome line)")
+    if outcome is None or final is None:
+        raise RecordError(f"{jsonl}: the run did not finish (no final evaluation or outcome line)")
     gpus = re.search(r"^gpus \((\d+)\): (.*)$", text, re.M)
     return {"path": txt, "sources": sources, "meta": meta, "outcome": outcome, "final": final,
             "evals": [r for r in records if "val_loss" in r], "gpus": gpus.group(2) if gpus else "unknown"}
-
-
-def hyperparameters(txt) -> dict:
-    """A log's hyperparameters from its run record: there even if the run never finished (a run stopped and
-    continued with --resume leaves one unfinished log per stop)."""
-    jsonl = Path(txt).with_suffix(".jsonl")
-    if not jsonl.is_file():
-        raise RecordError(f"{txt}: a run log is a .txt with its .jsonl twin beside it; the .jsonl is missing")
-    record = next((r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("kind") == "run"), None)
-    if record is None:
-        raise RecordError(f"{jsonl}: no run record; the run stopped before it started logging")
-    return record["hyperparameters"]
 
 
 def tokens_trained(run: dict) -> int:
@@ -173,7 +173,7 @@ def leaderboard(logs: Path, readme: Path) -> str:
     rows = []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
         paths = sorted(folder.glob("*.txt"))
-        if paths and not any(hyperparameters(p).get("target_val_loss") for p in paths):
+        if paths and not any(run_record(p)["hyperparameters"]["target_val_loss"] for p in paths):
             continue
         try:
             result = check(paths)
