@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent
 SOURCE_FILES = ["train.py", "model.py", "optimizer.py", "dataloader.py"]
 PEAK_FLOPS = 989e12  # dense bf16 FLOP/s of one H100 SXM: the denominator of MFU
 SCHEMES = ("mask", "80/10/10")  # masking schemes: of --mask_scheme, and of the frozen sets
+COMPILE_MODES = ("model", "blocks", "none")
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Hyperparameters:
     num_workers: int = 4                # loader processes per rank
     # model
     preset: str = "speedrun"
-    compile: bool = True                # torch.compile the model (CUDA only)
+    compile: str = "model"              # CUDA only. "model": one graph (fastest steps); "blocks": one graph per kind
+                                        # of transformer block, shared by all (compiles in a fraction of the time,
+                                        # the rest runs eagerly); "none"
     activation_memory: float = 1.0      # share of the activations the compiled backward keeps (< 1: recompute the
                                         # cheapest others, for a smaller GPU or a bigger micro-batch)
     # run length and stopping
@@ -121,6 +124,8 @@ def check_args(a: Hyperparameters) -> list[str]:
         p.append(f"--tokens_per_rank must be a multiple of 128 (the attention block size), got {a.tokens_per_rank}")
     if a.tokens_per_rank < a.max_len:
         p.append(f"--tokens_per_rank ({a.tokens_per_rank}) must hold at least one document of --max_len ({a.max_len})")
+    if a.compile not in COMPILE_MODES:
+        p.append(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {a.compile!r}")
     if not 0 <= a.activation_memory <= 1:
         p.append(f"--activation_memory must be in [0, 1], got {a.activation_memory}")
     if not 0 < a.mask_rate < 1:
@@ -335,7 +340,7 @@ def main(a: Hyperparameters):
     torch.manual_seed(a.seed)
     raw_model = Model(dataclasses.replace(PRESETS[a.preset], max_len=a.max_len)).to(device)
     functorch_config.activation_memory_budget = a.activation_memory  # read when the backward is compiled
-    model = torch.compile(raw_model, dynamic=False, fullgraph=True) if a.compile and device.type == "cuda" else raw_model
+    model = compiled(raw_model, a.compile if device.type == "cuda" else "none")
     optimizer_args = dict(muon_lr=a.muon_lr, muon_momentum=a.muon_momentum, muon_weight_decay=a.muon_weight_decay,
                           embed_lr=a.embed_lr, head_lr=a.head_lr, scalar_lr=a.scalar_lr,
                           betas=(a.adam_beta1, a.adam_beta2))
@@ -567,6 +572,18 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
                                                           for name, cat, ms in r["top_kernels"])
     log.line(text, **r)
     return r
+
+
+def compiled(model: Model, mode: str) -> Model:
+    """The model to call: compiled whole, or with each block compiled. Blocks share their compiled code (the
+    parameters are graph inputs), so the compile time of "blocks" does not grow with depth; the graphs stop at block
+    boundaries, which costs the fusions across them."""
+    if mode == "model":
+        return torch.compile(model, dynamic=False, fullgraph=True)
+    if mode == "blocks":
+        for block in model.blocks:
+            block.compile(dynamic=False, fullgraph=True)
+    return model
 
 
 def mean_keys_per_token(batches: list, window: int) -> float:

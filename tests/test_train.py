@@ -1,4 +1,5 @@
 """The trainer as users run it: flags, a whole tiny run, resume, several processes, failure behaviour."""
+import functools
 import json
 import math
 import socket
@@ -58,6 +59,7 @@ def test_bad_flags_are_rejected_before_any_work(small_shards):
     r = run_cli("--data", str(small_shards), "--tokens_per_rank", "1000", "--mask_rate", "1.5", "--preset", "huge")
     assert r.returncode == 2
     assert "multiple of 128" in r.stderr and "--mask_rate" in r.stderr and "--preset must be one of" in r.stderr
+    assert "--compile must be one of" in run_cli("--data", str(small_shards), "--compile", "fast").stderr
     assert run_cli("--data", str(small_shards), "--eval_only").returncode == 2
 
 
@@ -170,6 +172,34 @@ def test_bench_reports_throughput_and_mfu(small_shards, tmp_path):
     assert len(r["train_losses"]) == 2 and all(math.isfinite(x) for x in r["train_losses"])
     (log,) = Path(h.log_dir).glob("*.txt")
     assert "bench: " in log.read_text() and not list(Path(h.checkpoint_dir).glob("*.pt"))  # it stops, trains nothing
+
+
+@pytest.mark.parametrize("n_layer", [4, 8])
+def test_compiling_blocks_makes_three_graphs_at_any_depth(monkeypatch, n_layer):
+    """--compile blocks: every block runs compiled code shared with the blocks of its kind (the first block, whose
+    input is the embedding itself; blocks with value embeddings; the others), so doubling the depth compiles
+    nothing more, and the loss and gradients are the uncompiled model's. aot_eager stands in for inductor, whose
+    CPU code generation would take minutes."""
+    from torch._dynamo.utils import counters
+    from test_model import make_batch, random_model
+    from model import ModelConfig
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    model = random_model(ModelConfig(n_layer=n_layer, d_model=64, n_head=2, d_mlp=128, n_value_embeds=1))
+    batch, w = make_batch([150, 200, 90, 60, 300]), torch.tensor(1024, dtype=torch.int32)
+    ref = model(*batch, w)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert train.compiled(model, "blocks") is model
+    loss = model(*batch, w)
+    loss.backward()
+    assert counters["stats"]["unique_graphs"] == 3
+    torch.testing.assert_close(loss, ref)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g)
+    torch._dynamo.reset()
 
 
 def test_mean_keys_per_token_counts_documents_not_padding():
