@@ -561,13 +561,15 @@ def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, worl
                 train_step(step)
             sync()
         del optimizer.step
-        r["gpu_ms_per_step"], r["top_kernels"] = gpu_time_breakdown(prof, steps=3)
+        r["gpu_ms_per_step"], r["top_kernels"], r["exposed_communication_ms"] = gpu_time_breakdown(prof, steps=3)
         r["optimizer_ms_per_step"] = sum(start.elapsed_time(end) for start, end in spans) / len(spans)
         gpu_total = sum(r["gpu_ms_per_step"].values()) or float("nan")  # nan: the profiler saw no kernel
         text += f" | peak memory {r['peak_memory_gib']:.1f} GiB\nGPU time per step (profiled):\n" + "\n".join(
             f"  {k:14s}{v:9.1f} ms {100 * v / gpu_total:5.1f}%" for k, v in r["gpu_ms_per_step"].items())
         text += (f"\n  of which the optimizer step spans {r['optimizer_ms_per_step']:.1f} ms "
                  f"({100 * r['optimizer_ms_per_step'] / gpu_total:.1f}%; its kernels are counted above by kind)")
+        text += (f"\n  communication not hidden behind other kernels: {r['exposed_communication_ms']:.1f} ms "
+                 f"({100 * r['exposed_communication_ms'] / gpu_total:.1f}%)")
         text += "\ntop kernels (ms per step):\n" + "\n".join(f"  {ms:8.1f}  {cat:13s} {name}"
                                                           for name, cat, ms in r["top_kernels"])
     log.line(text, **r)
@@ -607,27 +609,45 @@ def kernel_category(name: str) -> str:
     return "element-wise"
 
 
-def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list]:
-    """GPU milliseconds per step by kind of kernel, idle = the gaps between the first and the last kernel that no
-    kernel covers; and the costliest kernels."""
-    kernels = sorted((e for e in prof.events()  # user annotations also show on the GPU timeline, as spans
-                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation),
-                     key=lambda e: e.time_range.start)
+def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list, float]:
+    """kernel_time_breakdown of the CUDA kernels a torch.profiler run recorded."""
+    return kernel_time_breakdown([(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                                  # user annotations also show on the GPU timeline, as spans
+                                  if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation],
+                                 steps)
+
+
+def kernel_time_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> tuple[dict, list, float]:
+    """From (name, start µs, end µs) of every kernel over `steps` steps, per step: milliseconds by kind of kernel
+    (idle: the gaps between the first and the last kernel that no kernel covers), the costliest kernels, and the
+    exposed communication: the time communication kernels run while no other kernel does."""
     if not kernels:
-        return {}, []
+        return {}, [], 0.0
     ms = dict.fromkeys(["matmul", "attention", "element-wise", "communication", "copy", "idle"], 0.0)
     by_name = {}
-    busy, busy_until = 0.0, kernels[0].time_range.start
-    for k in kernels:
-        r = k.time_range
-        category = kernel_category(k.name)
-        ms[category] += r.elapsed_us() / 1000 / steps
-        by_name[k.name, category] = by_name.get((k.name, category), 0.0) + r.elapsed_us() / 1000 / steps
-        busy += max(0.0, r.end - max(r.start, busy_until))
-        busy_until = max(busy_until, r.end)
-    ms["idle"] = (busy_until - kernels[0].time_range.start - busy) / 1000 / steps
+    for name, start, end in kernels:
+        category = kernel_category(name)
+        ms[category] += (end - start) / 1000 / steps
+        by_name[name, category] = by_name.get((name, category), 0.0) + (end - start) / 1000 / steps
+    busy = union([(start, end) for _, start, end in kernels])
+    ms["idle"] = (busy[-1][1] - busy[0][0] - sum(e - s for s, e in busy)) / 1000 / steps
+    communication = union([(s, e) for name, s, e in kernels if kernel_category(name) == "communication"])
+    compute = union([(s, e) for name, s, e in kernels if kernel_category(name) != "communication"])
+    hidden = sum(max(0.0, min(e, ce) - max(s, cs)) for s, e in communication for cs, ce in compute)
+    exposed = (sum(e - s for s, e in communication) - hidden) / 1000 / steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
-    return ms, [(name[:100], category, t) for (name, category), t in top]
+    return ms, [(name[:100], category, t) for (name, category), t in top], exposed
+
+
+def union(spans: list[tuple[float, float]]) -> list[list[float]]:
+    """The union of [start, end) spans as sorted, disjoint spans."""
+    merged = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
 
 
 def push_to_hub(path: Path, repo: str, log: RunLog):

@@ -202,6 +202,20 @@ def test_compiling_blocks_makes_three_graphs_at_any_depth(monkeypatch, n_layer):
     torch._dynamo.reset()
 
 
+def test_the_kernel_breakdown_counts_communication_as_exposed_only_where_no_other_kernel_runs():
+    """bench's profile summary, on a timeline of two steps (µs): per step, time by kind, idle gaps, and the
+    communication that no compute kernel hides (overlapping collectives on two streams count once)."""
+    kernels = [("nvjet_sm90_tst_192x192", 0, 100), ("triton_poi_fused_add_0", 100, 150),
+               ("ncclDevKernel_ReduceScatter_Sum_f32", 120, 200), ("triton_tem_fused_flex_attention_0", 220, 300),
+               ("ncclDevKernel_AllGather_RING", 250, 330), ("ncclDevKernel_AllReduce_Sum_f32", 310, 330)]
+    ms, top, exposed = train.kernel_time_breakdown(kernels, steps=2)
+    assert ms == pytest.approx({"matmul": 0.05, "attention": 0.04, "element-wise": 0.025, "communication": 0.09,
+                                "copy": 0.0, "idle": 0.01})
+    assert exposed == pytest.approx(0.04)  # (200 - 150) + (330 - 300) µs over 2 steps
+    assert top[0] == ("nvjet_sm90_tst_192x192", "matmul", pytest.approx(0.05))
+    assert train.kernel_time_breakdown([], steps=3) == ({}, [], 0.0)
+
+
 def test_mean_keys_per_token_counts_documents_not_padding():
     from dataloader import Batch
     ids = torch.tensor([0, 5, 2, 0, 5, 5, 2, 1, 1], dtype=torch.int32)  # documents of 3 and 4 tokens, 2 <pad>
