@@ -1,7 +1,9 @@
 """The trainer as users run it: flags, a whole tiny run, resume, several processes, failure behaviour."""
+import dataclasses
 import functools
 import json
 import math
+import random
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import train
+from model import PRESETS
 from train import Hyperparameters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,10 +59,11 @@ def run_cli(*args):
 
 
 def test_bad_flags_are_rejected_before_any_work(small_shards):
-    r = run_cli("--data", str(small_shards), "--tokens_per_rank", "1000", "--mask_rate", "1.5", "--preset", "huge")
+    r = run_cli("--data", str(small_shards), "--tokens_per_rank", "1000", "--mask_rate", "1.5", "--preset", "huge",
+                "--compile", "fast")
     assert r.returncode == 2
     assert "multiple of 128" in r.stderr and "--mask_rate" in r.stderr and "--preset must be one of" in r.stderr
-    assert "--compile must be one of" in run_cli("--data", str(small_shards), "--compile", "fast").stderr
+    assert "--compile must be one of" in r.stderr
     assert run_cli("--data", str(small_shards), "--eval_only").returncode == 2
 
 
@@ -174,19 +178,24 @@ def test_bench_reports_throughput_and_mfu(small_shards, tmp_path):
     assert "bench: " in log.read_text() and not list(Path(h.checkpoint_dir).glob("*.pt"))  # it stops, trains nothing
 
 
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("n_layer", [4, 8])
-def test_compiling_blocks_makes_three_graphs_at_any_depth(monkeypatch, n_layer):
+def test_compiling_blocks_makes_the_same_graphs_at_any_depth(monkeypatch, fresh_dynamo, n_layer):
     """--compile blocks: every block runs compiled code shared with the blocks of its kind (the first block, whose
-    input is the embedding itself; blocks with value embeddings; the others), so doubling the depth compiles
-    nothing more, and the loss and gradients are the uncompiled model's. aot_eager stands in for inductor, whose
-    CPU code generation would take minutes."""
+    input is the embedding itself; blocks with value embeddings; the others), for training and for evaluation, so
+    doubling the depth compiles nothing more, and the loss and gradients are the uncompiled model's. aot_eager
+    stands in for inductor, whose CPU code generation would take minutes."""
     from torch._dynamo.utils import counters
     from test_model import make_batch, random_model
-    from model import ModelConfig
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    torch._dynamo.reset()
     counters.clear()
-    model = random_model(ModelConfig(n_layer=n_layer, d_model=64, n_head=2, d_mlp=128, n_value_embeds=1))
+    model = random_model(dataclasses.replace(PRESETS["tiny"], n_layer=n_layer))
     batch, w = make_batch([150, 200, 90, 60, 300]), torch.tensor(1024, dtype=torch.int32)
     ref = model(*batch, w)
     ref.backward()
@@ -199,21 +208,27 @@ def test_compiling_blocks_makes_three_graphs_at_any_depth(monkeypatch, n_layer):
     torch.testing.assert_close(loss, ref)
     for p, g in zip(model.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g)
-    torch._dynamo.reset()
+    with torch.no_grad():  # evaluation compiles its own forward-only graphs, once
+        for seed in range(2):
+            model(*make_batch([150, 200, 90, 60, 300], seed=seed)[:3], None, w)
+    assert counters["stats"]["unique_graphs"] == 6 <= torch._dynamo.config.recompile_limit
 
 
 def test_the_kernel_breakdown_counts_communication_as_exposed_only_where_no_other_kernel_runs():
     """bench's profile summary, on a timeline of two steps (µs): per step, time by kind, idle gaps, and the
     communication that no compute kernel hides (overlapping collectives on two streams count once)."""
     kernels = [("nvjet_sm90_tst_192x192", 0, 100), ("triton_poi_fused_add_0", 100, 150),
+               ("triton_poi_fused_mul_1", 20, 40),  # on another stream, inside the matmul
                ("ncclDevKernel_ReduceScatter_Sum_f32", 120, 200), ("triton_tem_fused_flex_attention_0", 220, 300),
                ("ncclDevKernel_AllGather_RING", 250, 330), ("ncclDevKernel_AllReduce_Sum_f32", 310, 330)]
-    ms, top, exposed = train.kernel_time_breakdown(kernels, steps=2)
-    assert ms == pytest.approx({"matmul": 0.05, "attention": 0.04, "element-wise": 0.025, "communication": 0.09,
+    random.Random(0).shuffle(kernels)
+    ms, top, exposed, wall = train.kernel_time_breakdown(kernels, steps=2)
+    assert ms == pytest.approx({"matmul": 0.05, "attention": 0.04, "element-wise": 0.035, "communication": 0.09,
                                 "copy": 0.0, "idle": 0.01})
     assert exposed == pytest.approx(0.04)  # (200 - 150) + (330 - 300) µs over 2 steps
+    assert wall == pytest.approx(0.165)
     assert top[0] == ("nvjet_sm90_tst_192x192", "matmul", pytest.approx(0.05))
-    assert train.kernel_time_breakdown([], steps=3) == ({}, [], 0.0)
+    assert train.kernel_time_breakdown([], steps=3) == ({}, [], 0.0, 0.0)
 
 
 def test_mean_keys_per_token_counts_documents_not_padding():
