@@ -3,6 +3,7 @@ float32 CPU path with dense attention computes, forward and backward."""
 import pytest
 import torch
 
+import train
 from model import Model, ModelConfig
 from test_model import make_batch
 
@@ -25,11 +26,13 @@ def perturbed_model() -> Model:
 
 
 @pytest.mark.parametrize("window", [1024, 256])
-def test_compiled_gpu_model_matches_eager_cpu_model(window):
+@pytest.mark.parametrize("mode", ["model", "blocks"])  # train.py --compile: blocks get the BlockMask from outside
+def test_compiled_gpu_model_matches_eager_cpu_model(window, mode):
+    torch._dynamo.reset()
     cpu = perturbed_model()
     gpu = Model(CFG).cuda()
     gpu.load_state_dict(cpu.state_dict())
-    compiled = torch.compile(gpu, fullgraph=True, dynamic=False)
+    compiled = train.compiled(gpu, mode)
     batch = make_batch([1000, 37, 600, 900, 5, 300, 1024, 250], seed=7)
     w = torch.tensor(window, dtype=torch.int32)
     everywhere = torch.arange(len(batch[0]))
