@@ -18,7 +18,7 @@ from data.prepare import encode
 from dataloader import PAD, VOCAB, assemble, eval_batches
 from model import PRESETS, Model
 from test_train import REPO, tiny
-from train import SCHEMES
+from train import SCHEMES, metric_key
 from tools.hf import HFError, export, save_tokenizer, score
 
 
@@ -131,7 +131,7 @@ def assert_scores_are_per_document(scores, shards: Path, run_document):
                 loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
                 correct += (logits.argmax(-1) == targets).sum().item()
                 count += len(targets)
-        key = "valid" if scheme == "mask" else "valid_801010"
+        key = metric_key("valid", scheme)
         assert scores[f"{key}_tokens"] == count
         assert scores[f"{key}_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
         assert scores[f"{key}_accuracy"] == pytest.approx(correct / count, abs=1e-3)

@@ -116,14 +116,12 @@ class OtherVocabulary(torch.nn.Module):
 
     def forward(self, input_ids, doc_ids, mask_idx, targets, window):
         lengths = document_lengths(input_ids, doc_ids)
-        rows = []
-        for doc in input_ids[:int(lengths.sum())].split(lengths.tolist()):
-            logp = self.hf(self.reads[doc.long()][None]).logits[0].float().log_softmax(-1)
-            rest = torch.ones(logp.size(-1), dtype=torch.bool, device=logp.device)
-            rest[self.columns[self.columns >= 0]] = False
-            ours = logp[:, self.columns.clamp(min=0)].masked_fill(self.columns < 0, float("-inf"))
-            rows.append(torch.cat([ours, logp[:, rest]], dim=-1))
-        return torch.cat(rows)[mask_idx]
+        logp = torch.cat([self.hf(self.reads[doc.long()][None]).logits[0].float().log_softmax(-1)
+                          for doc in input_ids[:int(lengths.sum())].split(lengths.tolist())])[mask_idx]
+        rest = torch.ones(logp.size(-1), dtype=torch.bool, device=logp.device)
+        rest[self.columns[self.columns >= 0]] = False
+        ours = logp[:, self.columns.clamp(min=0)].masked_fill(self.columns < 0, float("-inf"))
+        return torch.cat([ours, logp[:, rest]], dim=-1)
 
 
 SPECIAL_ROLES = {"<cls>": ("cls_token", "bos_token"), "<pad>": ("pad_token",), "<eos>": ("eos_token", "sep_token"),
