@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 import prepare  # noqa: E402
-from dataloader import (CLS, EOS, MASK, PAD, UNK, VOCAB, TrainLoader, documents, eval_batches, read_shard,  # noqa: E402
-                        write_shard)
-from model import positions  # noqa: E402
+from dataloader import (CLS, EOS, MASK, PAD, UNK, VOCAB, TrainLoader, assemble, block_aligned_order,  # noqa: E402
+                        documents, eval_batches, read_shard, write_shard)
+from model import block_mask, positions  # noqa: E402
 
 
 def shards(folder, split):
@@ -224,6 +224,31 @@ def test_documents_never_straddle_unmarked(small_shards):
         else:
             assert max(map(len, pieces)) == 256
             assert any(p[0] != CLS for p in pieces) and any(p[-1] != EOS for p in pieces)
+
+
+def test_block_aligned_order_keeps_each_buffers_documents_and_cuts_attention_work(small_shards):
+    """Each buffer holds the documents the greedy packing gave it, reordered so that FlexAttention computes fewer
+    128 x 128 block pairs (on sp2014 at 65,536 tokens: 16% fewer, and nearly half the partially masked ones)."""
+    with TrainLoader(shards(small_shards, "train"), 16384, num_workers=0) as loader:
+        stream = loader.stream
+        shard, start, length, bounds = stream.group_plan(0, 0)
+        work = {"packed": [0, 0], "aligned": [0, 0]}  # block pairs computed: [all, partially masked]
+        for b in range(len(bounds) - 1):
+            lengths = length[bounds[b]:bounds[b + 1]]
+            order = block_aligned_order(lengths)
+            assert sorted(order.tolist()) == list(range(len(lengths)))
+            built = originals(stream.build((0, 0, b))).numpy().astype(np.uint8)
+            packed = [stream.shard(s)[i:i + n] for s, i, n in zip(shard[bounds[b]:bounds[b + 1]],
+                                                                  start[bounds[b]:bounds[b + 1]], lengths)]
+            assert bytes(built[:lengths.sum()]) == b"".join(bytes(packed[i]) for i in order)
+            for name, o in (("packed", np.arange(len(lengths))), ("aligned", order)):
+                _, doc_ids = assemble([packed[i] for i in o], lengths[o], 16384)
+                mask = block_mask(torch.from_numpy(doc_ids), torch.tensor(1024))
+                partial, full = int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())
+                work[name][0] += partial + full
+                work[name][1] += partial
+    assert work["aligned"][0] < 0.9 * work["packed"][0], work
+    assert work["aligned"][1] < 0.7 * work["packed"][1], work
 
 
 def test_resume_gives_the_same_batches(small_shards):

@@ -55,6 +55,24 @@ def test_changing_a_document_leaves_every_other_document_unchanged(window):
     assert (a[inside] - b[inside]).abs().amax() > 1e-2  # the change does reach its own document
 
 
+@pytest.mark.parametrize("window", [1024, 100])
+def test_document_order_in_the_buffer_leaves_every_documents_logits_unchanged(window):
+    """The loader reorders each buffer's documents to cut FlexAttention's work (dataloader.block_aligned_order):
+    a document's logits must not depend on where in the buffer it sits."""
+    model = random_model()
+    ids, doc, _, _ = make_batch([150, 200, 90, 60, 140])
+    w = torch.tensor(window, dtype=torch.int32)
+    pieces = [ids[doc == d] for d in range(5)]
+    order = [3, 1, 4, 0, 2]
+    moved = torch.cat([pieces[d] for d in order] + [ids[doc == 5]])  # the padding tail stays last
+    moved_doc = torch.cat([torch.full((len(pieces[d]),), i) for i, d in enumerate(order)] + [doc[doc == 5]]).int()
+    with torch.no_grad():
+        a = model(ids, doc, torch.arange(len(ids)), None, w)
+        b = model(moved, moved_doc, torch.arange(len(ids)), None, w)
+    for i, d in enumerate(order):
+        torch.testing.assert_close(b[moved_doc == i], a[doc == d], atol=1e-5, rtol=1e-5)
+
+
 def test_logits_and_loss_only_depend_on_their_own_positions():
     model = random_model()
     ids, doc, mask_idx, targets = make_batch([300, 400, 200], seed=1)
