@@ -109,31 +109,36 @@ def pack(lengths: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def block_aligned_order(lengths: np.ndarray) -> np.ndarray:
-    """An order of one buffer's documents that starts as many of them as it can on a FlexAttention block boundary.
+    """An order of one buffer's documents that greedily starts many of them on a FlexAttention block boundary.
 
     FlexAttention computes a whole block pair (128 queries x 128 keys) whenever one document spans both blocks, so a
     document that shares a block with its neighbour is computed against all of the neighbour's blocks too: packed in
     the shuffled order, a third of the attention work on sp2014 is masked out again. Longest first, each step closes
-    the open block with one document, else with two, else takes the longest left. The documents, their masks'
-    distribution and so the loss are those of any order; only the wasted work changes."""
-    residue = lengths % BLOCK
-    left = np.argsort(-lengths, kind="stable").tolist()
+    the open block with one document, else with two, else takes the longest left. A document's logits do not depend
+    on its place in the buffer, so only the wasted work changes (and which positions the masks are drawn at)."""
+    sizes = lengths.tolist()
+    residue = [n % BLOCK for n in sizes]
+    left = sorted(range(len(sizes)), key=lambda i: -sizes[i])  # longest first, ties in packed order
+
+    def closing(need: int):  # the longest document left that closes the open block, else the first pair that does
+        one = next((i for i in left if residue[i] == need), None)
+        if one is not None:
+            return [one]
+        longest_with = {}  # residue -> the longest document left with it
+        for i in left:
+            j = longest_with.get((need - residue[i]) % BLOCK)
+            if j is not None:
+                return [j, i]
+            longest_with.setdefault(residue[i], i)
+        return None
+
     order, offset = [], 0
     while left:
         need = -offset % BLOCK
-        pick = [i for i in left if residue[i] == need][:1] if need else []
-        if need and not pick:
-            first_with = {}  # residue -> the longest document left with it
-            for i in left:
-                j = first_with.get((need - residue[i]) % BLOCK)
-                if j is not None:
-                    pick = [j, i]
-                    break
-                first_with.setdefault(residue[i], i)
-        for i in pick or left[:1]:
+        for i in (need and closing(need)) or left[:1]:
             left.remove(i)
             order.append(i)
-            offset += int(lengths[i])
+            offset += sizes[i]
     return np.array(order, dtype=np.int64)
 
 
@@ -170,11 +175,11 @@ def replace_80_10_10(ids: np.ndarray, chosen: np.ndarray, rng: np.random.Generat
 #
 # The stream of global micro-batches is cut as follows. Epoch e permutes the shards (seed, e); the permutation is
 # read in groups of GROUP_SHARDS consecutive shards; a group's documents are shuffled and cropped with a generator
-# seeded by (seed, e, group), then packed greedily into micro-batches. A micro-batch is named by its cursor
-# (epoch, group, batch-in-group) and its masks are drawn from (seed, epoch, group, batch), so any worker can build
-# it from the cursor alone, and the stream depends on neither world size nor worker count. Only one group's
-# document index is held at a time (a few shards' worth: ~1M documents), never the whole dataset's, and a resumed
-# run needs only the cursor it stopped at.
+# seeded by (seed, e, group), then packed greedily into micro-batches, and each micro-batch's documents are put
+# in block_aligned_order. A micro-batch is named by its cursor (epoch, group, batch-in-group) and its masks are
+# drawn from (seed, epoch, group, batch), so any worker can build it from the cursor alone, and the stream depends
+# on neither world size nor worker count. Only one group's document index is held at a time (a few shards' worth:
+# ~1M documents), never the whole dataset's, and a resumed run needs only the cursor it stopped at.
 GROUP_SHARDS = 4
 
 
