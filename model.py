@@ -103,6 +103,10 @@ def attend(q, k, v, mask: BlockMask | torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
 def positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """Each token's position inside its own document."""
     start = torch.searchsorted(doc_ids, doc_ids)  # index of the first token of each token's document
@@ -123,37 +127,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-class Norm(torch.autograd.Function):
-    """RMS norm without weights, then rotary embedding if cos and sin are given (QK-norm), with a backward that
-    needs only the output and the rms.
-
-    What follows a norm keeps its output for its own backward anyway (a matmul its input, FlexAttention q and k);
-    autograd of the plain formula would keep the input as well, and the compiler saves what it keeps: a fifth of
-    the activations. The rotation is orthogonal (-sin undoes it) and the norm's output is its input times rstd, so
-    the output gives back the normalised input."""
-
-    @staticmethod
-    def forward(ctx, x, cos=None, sin=None):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)  # F.rms_norm's eps
-        y = xf * rstd if cos is None else apply_rotary(xf * rstd, cos, sin)
-        y = y.to(x.dtype)
-        ctx.save_for_backward(y, rstd, cos, sin)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, rstd, cos, sin = ctx.saved_tensors
-        g, x_hat = grad.float(), y.float()
-        if cos is not None:
-            g, x_hat = apply_rotary(g, cos, -sin), apply_rotary(x_hat, cos, -sin)
-        return (rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(grad.dtype), None, None
-
-
-def norm(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    return Norm.apply(x, *(rot or (None, None)))
-
-
 def init_matrix(*shape: int) -> nn.Parameter:
     fan_in = shape[-1]
     bound = 3 ** 0.5 * 0.5 / fan_in ** 0.5  # uniform with std 0.5 / sqrt(fan_in), as modded-nanogpt
@@ -169,12 +142,10 @@ class Attention(nn.Module):
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
 
     def forward(self, x, ve, rot, mask):
-        T, w = x.size(0), self.qkv.type_as(x)
-        # v from a matmul of its own: as a slice of one qkv product it would keep q and k before their norms alive
-        # until the backward (Norm needs only their outputs)
-        q, k = F.linear(x, w[:2].flatten(0, 1)).view(T, 2, self.n_head, self.head_dim).unbind(1)
-        v = F.linear(x, w[2]).view(T, self.n_head, self.head_dim)
-        q, k = norm(q, rot), norm(k, rot)
+        T = x.size(0)
+        qkv = F.linear(x, self.qkv.flatten(0, 1).type_as(x)).view(T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        q, k = apply_rotary(norm(q), *rot), apply_rotary(norm(k), *rot)
         if ve is not None:
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
         y = attend(q, k, v, mask).reshape(T, -1)
