@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -265,6 +266,19 @@ def save_checkpoint(path: Path, state: dict, keep: int):
         old.unlink()
 
 
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by train.py, read onto the CPU; anything else is refused with a message naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]}). Was it cut "
+                         "short while copied? train.py keeps the last --keep_checkpoints of a run in its "
+                         "--checkpoint_dir: use an earlier one") from e
+    if not isinstance(ckpt, dict) or not {"model", "hyperparameters"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights or hyperparameters)")
+    return ckpt
+
+
 def rng_states() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -332,7 +346,10 @@ def main(a: Hyperparameters):
     log.header(f"date: {date}\ndata sha256: {data_hash}", kind="run", date=date, world_size=world,
                hyperparameters=dataclasses.asdict(a), data_sha256=data_hash)
 
-    ckpt = torch.load(a.resume, map_location="cpu", weights_only=False) if a.resume else None  # moved where loaded
+    ckpt = load_checkpoint(a.resume) if a.resume else None  # moved to the device where loaded
+    if ckpt and ckpt["hyperparameters"]["preset"] != a.preset:
+        raise ValueError(f"--resume {a.resume} holds a {ckpt['hyperparameters']['preset']!r} model, not {a.preset!r}; "
+                         f"pass --preset {ckpt['hyperparameters']['preset']}")
     if ckpt and not a.eval_only and ckpt["data_sha256"] != data_hash:
         raise ValueError(f"--resume {a.resume} was trained on other data (sha256 {ckpt['data_sha256']}) than "
                          f"--data {a.data} ({data_hash}); resume with the data it was trained on")

@@ -240,12 +240,22 @@ def test_mean_keys_per_token_counts_documents_not_padding():
     assert train.mean_keys_per_token([b, b], 2) == pytest.approx((3 * 2 + 4 * 2) / 7)  # capped by the window
 
 
-def test_resuming_on_other_data_is_refused(small_fasta, small_shards, tmp_path):
+def test_resuming_from_a_checkpoint_that_does_not_fit_is_refused_with_what_to_do(small_fasta, small_shards, tmp_path):
     h = tiny(small_shards, tmp_path / "a", max_steps=2, val_every=0)
     train.main(h)
+    good = Path(h.checkpoint_dir) / "step_000002.pt"
     other = tmp_path / "other"  # the same sequences split with another seed: other shards
     subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(small_fasta), "--out", str(other),
                     "--name", "small", "--num_valid", "100", "--num_test", "100", "--seed", "1"], check=True,
                    capture_output=True)
     with pytest.raises(ValueError, match="trained on other data"):
-        train.main(tiny(other, tmp_path / "b", resume=str(Path(h.checkpoint_dir) / "step_000002.pt")))
+        train.main(tiny(other, tmp_path / "b", resume=str(good)))
+    with pytest.raises(ValueError, match="holds a 'tiny' model, not 'sprint'; pass --preset tiny"):
+        train.main(tiny(small_shards, tmp_path / "c", preset="sprint", resume=str(good)))
+    cut = tmp_path / "cut.pt"  # a copy cut short
+    cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.pt cannot be read as a checkpoint .* use an earlier one"):
+        train.main(tiny(small_shards, tmp_path / "d", resume=str(cut)))
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt is not a checkpoint written by train.py"):
+        train.main(tiny(small_shards, tmp_path / "e", eval_only=True, resume=str(tmp_path / "foreign.pt")))

@@ -39,10 +39,11 @@ def export(checkpoint: Path, out: Path) -> Path:
     from safetensors.torch import save_file
     if not checkpoint.is_file():
         raise HFError(f"{checkpoint}: no such checkpoint file")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    h = ckpt.get("hyperparameters") if isinstance(ckpt, dict) else None
-    if not h or "model" not in ckpt:
-        raise HFError(f"{checkpoint} is not a checkpoint written by train.py (no model weights or hyperparameters)")
+    try:
+        ckpt = train.load_checkpoint(checkpoint)
+    except ValueError as e:
+        raise HFError(str(e)) from e
+    h = ckpt["hyperparameters"]
     cfg = dataclasses.replace(PRESETS[h["preset"]], max_len=h["max_len"])
     try:  # a mismatch is caught here, not when someone loads the folder
         Model(cfg).load_state_dict(ckpt["model"])
