@@ -48,8 +48,8 @@ def test_compiled_gpu_model_matches_eager_cpu_model(window, mode):
     loss = compiled(*(t.cuda() for t in batch), w.cuda())
     loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 1e-2 * ref_loss.item()
-    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        assert relative_error(q.grad, p.grad) < 5e-2, name
+    errors = {name: relative_error(q.grad, p.grad) for (name, p), q in zip(cpu.named_parameters(), gpu.parameters())}
+    assert max(errors.values()) < 5e-2, {name: e for name, e in errors.items() if e >= 5e-2}  # every one that is off
 
 
 def test_activation_memory_budget_trades_saved_activations_for_recomputation():
