@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import platform
 import subprocess
 import sys
@@ -270,12 +269,15 @@ def load_checkpoint(path) -> dict:
     """A checkpoint written by train.py, read onto the CPU; anything else is refused with a message naming the file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]}). Was it cut "
-                         "short while copied? train.py keeps the last --keep_checkpoints of a run in its "
-                         "--checkpoint_dir: use an earlier one") from e
-    if not isinstance(ckpt, dict) or not {"model", "hyperparameters"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights or hyperparameters)")
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways (zip, pickle, I/O) on a damaged file
+        first_line = (str(e).strip().splitlines() or [""])[0][:150]
+        raise ValueError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: {first_line}). A copy cut "
+                         "short? train.py keeps the last --keep_checkpoints of a run in its --checkpoint_dir: use an "
+                         "earlier one") from e
+    if not (isinstance(ckpt, dict) and {"model", "data_sha256"} <= ckpt.keys()
+            and isinstance(ckpt.get("hyperparameters"), dict) and "preset" in ckpt["hyperparameters"]):
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights, hyperparameters or "
+                         "data fingerprint)")
     return ckpt
 
 
@@ -331,6 +333,15 @@ def main(a: Hyperparameters):
     run_id = [str(uuid.uuid4()) if master else None]
     if distributed:
         dist.broadcast_object_list(run_id)
+    # a checkpoint that does not fit is refused before anything is logged or built
+    data_hash = data_sha256(a.data)
+    ckpt = load_checkpoint(a.resume) if a.resume else None  # moved to the device where loaded
+    if ckpt and ckpt["hyperparameters"]["preset"] != a.preset:
+        raise ValueError(f"--resume {a.resume} holds a {ckpt['hyperparameters']['preset']!r} model, not {a.preset!r}; "
+                         f"pass --preset {ckpt['hyperparameters']['preset']}")
+    if ckpt and not a.eval_only and ckpt["data_sha256"] != data_hash:
+        raise ValueError(f"--resume {a.resume} was trained on other data (sha256 {ckpt['data_sha256']}) than "
+                         f"--data {a.data} ({data_hash}); resume with the data it was trained on")
     log = RunLog(a, master, run_id[0])
     global_batch = world * a.grad_accum * a.tokens_per_rank
     total_steps = a.max_steps if not a.max_tokens else min(a.max_steps, math.ceil(a.max_tokens / global_batch))
@@ -342,17 +353,9 @@ def main(a: Hyperparameters):
     log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
     log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
     log.header(environment())
-    date, data_hash = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), data_sha256(a.data)
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     log.header(f"date: {date}\ndata sha256: {data_hash}", kind="run", date=date, world_size=world,
                hyperparameters=dataclasses.asdict(a), data_sha256=data_hash)
-
-    ckpt = load_checkpoint(a.resume) if a.resume else None  # moved to the device where loaded
-    if ckpt and ckpt["hyperparameters"]["preset"] != a.preset:
-        raise ValueError(f"--resume {a.resume} holds a {ckpt['hyperparameters']['preset']!r} model, not {a.preset!r}; "
-                         f"pass --preset {ckpt['hyperparameters']['preset']}")
-    if ckpt and not a.eval_only and ckpt["data_sha256"] != data_hash:
-        raise ValueError(f"--resume {a.resume} was trained on other data (sha256 {ckpt['data_sha256']}) than "
-                         f"--data {a.data} ({data_hash}); resume with the data it was trained on")
 
     # ---- model, optimizer, data
     torch.manual_seed(a.seed)

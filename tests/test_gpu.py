@@ -49,7 +49,8 @@ def test_compiled_gpu_model_matches_eager_cpu_model(window, mode):
     loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 1e-2 * ref_loss.item()
     errors = {name: relative_error(q.grad, p.grad) for (name, p), q in zip(cpu.named_parameters(), gpu.parameters())}
-    assert max(errors.values()) < 5e-2, {name: e for name, e in errors.items() if e >= 5e-2}  # every one that is off
+    off = {name: e for name, e in errors.items() if not e < 5e-2}  # NaN included
+    assert not off, off
 
 
 def test_activation_memory_budget_trades_saved_activations_for_recomputation():

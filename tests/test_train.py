@@ -252,10 +252,11 @@ def test_resuming_from_a_checkpoint_that_does_not_fit_is_refused_with_what_to_do
         train.main(tiny(other, tmp_path / "b", resume=str(good)))
     with pytest.raises(ValueError, match="holds a 'tiny' model, not 'sprint'; pass --preset tiny"):
         train.main(tiny(small_shards, tmp_path / "c", preset="sprint", resume=str(good)))
-    cut = tmp_path / "cut.pt"  # a copy cut short
-    cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"cut\.pt cannot be read as a checkpoint .* use an earlier one"):
-        train.main(tiny(small_shards, tmp_path / "d", resume=str(cut)))
+    data = good.read_bytes()
+    for name, damaged in [("half.pt", data[:len(data) // 2]), ("head.pt", data[:8192]), ("notes.pt", b"step 2\n")]:
+        (tmp_path / name).write_bytes(damaged)  # copies cut short (torch.load fails differently) and a text file
+        with pytest.raises(ValueError, match=rf"{name} is not a readable train.py checkpoint .* use an earlier one"):
+            train.main(tiny(small_shards, tmp_path / "d", resume=str(tmp_path / name)))
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="foreign.pt is not a checkpoint written by train.py"):
         train.main(tiny(small_shards, tmp_path / "e", eval_only=True, resume=str(tmp_path / "foreign.pt")))
