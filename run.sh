@@ -13,9 +13,16 @@ if [ ! -f "$DATA/manifest.json" ]; then
     python data/prepare.py --train "$SOURCE/sp2014_train.fasta.xz" --valid "$SOURCE/sp2014_valid.fasta" \
         --test "$SOURCE/sp2014_test.fasta" --name sp2014 --out "$DATA"
 fi
-NGPU=${NGPU:-$(nvidia-smi --list-gpus | wc -l)}
+NGPU=${NGPU:-$( (nvidia-smi --list-gpus 2>/dev/null || true) | wc -l)}
 GLOBAL_BATCH=65536
-if [ "$NGPU" -lt 1 ] || [ $((GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
+case "$NGPU" in
+    *[!0-9]*) echo "run.sh: NGPU must be a number of GPUs, got '$NGPU'" >&2; exit 1 ;;
+esac
+if [ "$NGPU" -eq 0 ]; then
+    echo "run.sh: no GPU found (nvidia-smi lists none); the record runs on 1, 2, 4 or 8 GPUs (NGPU=n)" >&2
+    exit 1
+fi
+if [ $((GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
     echo "run.sh: $NGPU GPUs cannot share the record's $GLOBAL_BATCH-token batch evenly; set NGPU to 1, 2, 4 or 8" >&2
     exit 1
 fi

@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import socket
 import subprocess
@@ -65,6 +66,15 @@ def test_bad_flags_are_rejected_before_any_work(small_shards):
     assert "multiple of 128" in r.stderr and "--mask_rate" in r.stderr and "--preset must be one of" in r.stderr
     assert "--compile must be one of" in r.stderr
     assert run_cli("--data", str(small_shards), "--eval_only").returncode == 2
+
+
+@pytest.mark.parametrize("ngpu, message", [
+    ("3", "3 GPUs cannot share the record's 65536-token batch evenly; set NGPU to 1, 2, 4 or 8"),
+    ("00", "no GPU found"), ("two", "NGPU must be a number of GPUs, got 'two'")])
+def test_the_record_command_refuses_a_gpu_count_that_does_not_divide_its_batch(small_shards, ngpu, message):
+    r = subprocess.run(["bash", str(REPO / "run.sh")], env={**os.environ, "NGPU": ngpu, "DATA": str(small_shards)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
 
 
 def test_missing_data_names_the_command_that_makes_it(tmp_path):
