@@ -87,6 +87,9 @@ def main(argv=None):
                                                              "depend on it)")
     a = p.parse_args(argv)
     cfg = model.PRESETS[a.preset]
+    weight_sizes = {size for param in model.Block(cfg, True).parameters() for size in param.shape} | {3 * cfg.d_model}
+    if a.tokens in weight_sizes:  # a tensor is told apart as per token by having a dimension of that length
+        p.error(f"--tokens {a.tokens} is also a size of {a.preset}'s weights; pick another length")
     results, flex_attend = {}, model.attend
     model.attend = stand_in_attend
     try:
