@@ -13,6 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 
+try:  # Triton comes with CUDA builds of torch; without it (a CPU build, model.py copied out alone) the formula runs
+    from triton_kernels import qk_norm_rotary
+except ImportError:
+    qk_norm_rotary = None
+
 BLOCK = 128  # FlexAttention's block size; the trainer makes T a multiple of it
 
 
@@ -123,7 +128,9 @@ def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by the angles cos, sin [T, head_dim / 2] of each token."""
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None].type_as(x), sin[:, None].type_as(x)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
@@ -142,10 +149,14 @@ class Attention(nn.Module):
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
 
     def forward(self, x, ve, rot, mask):
-        T = x.size(0)
-        qkv = F.linear(x, self.qkv.flatten(0, 1).type_as(x)).view(T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.unbind(1)
-        q, k = apply_rotary(norm(q), *rot), apply_rotary(norm(k), *rot)
+        T, w = x.size(0), self.qkv.type_as(x)
+        # v from a matmul of its own: as a slice of one qkv product it would keep q and k before their norms alive
+        qk = F.linear(x, w[:2].flatten(0, 1)).view(T, 2, self.n_head, self.head_dim)
+        v = F.linear(x, w[2]).view(T, self.n_head, self.head_dim)
+        if x.is_cuda and qk_norm_rotary is not None:
+            q, k, _ = qk_norm_rotary(qk, *rot)
+        else:
+            q, k = (apply_rotary(norm(t), *rot) for t in qk.unbind(1))
         if ve is not None:
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
         y = attend(q, k, v, mask).reshape(T, -1)
@@ -203,7 +214,7 @@ class Model(nn.Module):
         mask = block_mask(doc_ids, window) if cuda else create_mask(document_mask(doc_ids, window), None, None,
                                                                         T, T, device=doc_ids.device)
         pos = positions(doc_ids)  # a document longer than cfg.max_len fails here with an index error
-        rot = self.rope_cos[pos][:, None].to(dtype), self.rope_sin[pos][:, None].to(dtype)
+        rot = self.rope_cos[pos], self.rope_sin[pos]  # float32
         x = x0 = norm(self.embed(input_ids).to(dtype))
         ve = [table(input_ids).to(dtype) for table in self.value_embeds]
         ve = ve + [None] * (L - 2 * len(ve)) + ve[::-1]

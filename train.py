@@ -32,7 +32,7 @@ from model import PRESETS, Model
 from optimizer import build_optimizer
 
 REPO = Path(__file__).resolve().parent
-SOURCE_FILES = ["train.py", "model.py", "optimizer.py", "dataloader.py"]
+SOURCE_FILES = ["train.py", "model.py", "triton_kernels.py", "optimizer.py", "dataloader.py"]
 PEAK_FLOPS = 989e12  # dense bf16 FLOP/s of one H100 SXM: the denominator of MFU
 SCHEMES = ("mask", "80/10/10")  # masking schemes: of --mask_scheme, and of the frozen sets
 COMPILE_MODES = ("model", "blocks", "none")

@@ -2,6 +2,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # triton_kernels.py then runs in Triton's CPU interpreter (read when it is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PLMRUN_SHARED_DATA", REPO.parent / "shared" / "data"))
