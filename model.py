@@ -134,6 +134,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def triton_qk_norm(device: torch.device) -> bool:
+    """Whether QK-norm and rotary run as triton_kernels.py's op (on CUDA, with Triton) or as the formula."""
+    return device.type == "cuda" and qk_norm_rotary is not None
+
+
 def init_matrix(*shape: int) -> nn.Parameter:
     fan_in = shape[-1]
     bound = 3 ** 0.5 * 0.5 / fan_in ** 0.5  # uniform with std 0.5 / sqrt(fan_in), as modded-nanogpt
@@ -153,7 +158,7 @@ class Attention(nn.Module):
         # v from a matmul of its own: as a slice of one qkv product it would keep q and k before their norms alive
         qk = F.linear(x, w[:2].flatten(0, 1)).view(T, 2, self.n_head, self.head_dim)
         v = F.linear(x, w[2]).view(T, self.n_head, self.head_dim)
-        if x.is_cuda and qk_norm_rotary is not None:
+        if triton_qk_norm(x.device):
             q, k, _ = qk_norm_rotary(qk, *rot)
         else:
             q, k = (apply_rotary(norm(t), *rot) for t in qk.unbind(1))

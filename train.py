@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 
 from dataloader import PAD, TrainLoader, eval_batches
-from model import PRESETS, Model
+from model import PRESETS, Model, triton_qk_norm
 from optimizer import build_optimizer
 
 REPO = Path(__file__).resolve().parent
@@ -373,7 +373,7 @@ def main(a: Hyperparameters):
     full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
     log.line(f"model: {a.preset} {raw_model.num_params():,} parameters | global batch {global_batch:,} tokens "
              f"= {world} ranks x {a.grad_accum} micro-batches x {a.tokens_per_rank:,} | {total_steps} steps | "
-             f"device {device}")
+             f"device {device} | QK-norm + rotary: {'Triton op' if triton_qk_norm(device) else 'formula'}")
 
     def run_evals(splits, schemes=SCHEMES):
         results = {}

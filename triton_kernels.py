@@ -85,12 +85,18 @@ def _launch(kernel, rows_of: torch.Tensor, *args, **kwargs):
 def qk_norm_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor]:
     """q and k [T, heads, head_dim] from qk [T, 2, heads, head_dim] (last dimension contiguous): each row RMS-normed
-    (F.rms_norm's eps) and rotated by cos, sin [T, head_dim / 2] (float32, contiguous); and the rms' inverse
-    [2, T, heads]."""
+    and rotated by cos, sin [T, head_dim / 2] (float32, contiguous); and the rms' inverse [2, T, heads]."""
+    T, _, _, D = qk.shape
+    if qk.stride(-1) != 1 or any(t.dtype != torch.float32 or t.shape != (T, D // 2) or not t.is_contiguous()
+                                 for t in (cos, sin)):
+        raise ValueError(f"qk_norm_rotary wants qk [T, 2, heads, head_dim] with a contiguous last dimension and "
+                         f"contiguous float32 cos, sin [T, head_dim / 2]; got qk {tuple(qk.shape)} strides "
+                         f"{qk.stride()}, cos {tuple(cos.shape)} {cos.dtype}, sin {tuple(sin.shape)} {sin.dtype}")
     q, k = (qk.new_empty(qk.shape[:1] + qk.shape[2:]) for _ in range(2))
     rstd = qk.new_empty((2,) + q.shape[:2], dtype=torch.float32)
+    # F.rms_norm's eps: float32's, whatever the input's dtype (bfloat16's would shrink small rows)
     _launch(_forward_kernel, q, qk, qk.stride(0), qk.stride(1), qk.stride(2), cos, sin, q, k, rstd,
-            eps=torch.finfo(qk.dtype).eps)
+            eps=torch.finfo(torch.float32).eps)
     return q, k, rstd
 
 
