@@ -20,8 +20,9 @@ BLOCK_ROWS = 16  # (token, head) rows per program
 # copy the viewed buffer around the call.
 
 @triton.jit
-def _forward_kernel(qk_ptr, qk_token_stride, qk_qk_stride, qk_head_stride, cos_ptr, sin_ptr, q_ptr, k_ptr, rstd_ptr,
-                    n_rows, n_heads, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def qk_norm_rotary_forward_kernel(qk_ptr, qk_token_stride, qk_qk_stride, qk_head_stride, cos_ptr, sin_ptr,
+                                  q_ptr, k_ptr, rstd_ptr, n_rows, n_heads, eps,
+                                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     which = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_HALF)
@@ -45,9 +46,9 @@ def _forward_kernel(qk_ptr, qk_token_stride, qk_qk_stride, qk_head_stride, cos_p
 
 
 @triton.jit
-def _backward_kernel(dq_ptr, dq_token_stride, dq_head_stride, dk_ptr, dk_token_stride, dk_head_stride, q_ptr, k_ptr,
-                     rstd_ptr, cos_ptr, sin_ptr, dqk_ptr, n_rows, n_heads,
-                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def qk_norm_rotary_backward_kernel(dq_ptr, dq_token_stride, dq_head_stride, dk_ptr, dk_token_stride, dk_head_stride,
+                                   q_ptr, k_ptr, rstd_ptr, cos_ptr, sin_ptr, dqk_ptr, n_rows, n_heads,
+                                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     which = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_HALF)
@@ -95,7 +96,7 @@ def qk_norm_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tu
     q, k = (qk.new_empty(qk.shape[:1] + qk.shape[2:]) for _ in range(2))
     rstd = qk.new_empty((2,) + q.shape[:2], dtype=torch.float32)
     # F.rms_norm's eps: float32's, whatever the input's dtype (bfloat16's would shrink small rows)
-    _launch(_forward_kernel, q, qk, qk.stride(0), qk.stride(1), qk.stride(2), cos, sin, q, k, rstd,
+    _launch(qk_norm_rotary_forward_kernel, q, qk, qk.stride(0), qk.stride(1), qk.stride(2), cos, sin, q, k, rstd,
             eps=torch.finfo(torch.float32).eps)
     return q, k, rstd
 
@@ -106,8 +107,8 @@ def qk_norm_rotary_backward(dq: torch.Tensor, dk: torch.Tensor, q: torch.Tensor,
     """The gradient [T, 2, heads, head_dim] of qk_norm_rotary's input from those of q and k (any strides)."""
     dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
     dqk = q.new_empty((q.size(0), 2) + q.shape[1:])
-    _launch(_backward_kernel, q, dq, dq.stride(0), dq.stride(1), dk, dk.stride(0), dk.stride(1), q, k, rstd, cos, sin,
-            dqk)
+    _launch(qk_norm_rotary_backward_kernel, q, dq, dq.stride(0), dq.stride(1), dk, dk.stride(0), dk.stride(1), q, k,
+            rstd, cos, sin, dqk)
     return dqk
 
 
