@@ -20,20 +20,36 @@ BLOCK_ROWS = 16  # (token, head) rows per program
 # copy the viewed buffer around the call.
 
 @triton.jit
+def _tile(n_rows, n_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """This program's rows, the columns of half a head, which of them exist, and each row's token and head."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_HALF)
+    ok = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+    return rows, cols, ok, (rows // n_heads).to(tl.int64), (rows % n_heads).to(tl.int64)
+
+
+@triton.jit
+def _halves(at, ok, HALF: tl.constexpr):
+    """The two halves of each row at `at` (the rotation pairs column i with column i + HALF), in float32."""
+    return tl.load(at, ok, other=0.0).to(tl.float32), tl.load(at + HALF, ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _angles(cos_ptr, sin_ptr, token, cols, ok, HALF: tl.constexpr):
+    at = token[:, None] * HALF + cols[None, :]
+    return tl.load(cos_ptr + at, ok), tl.load(sin_ptr + at, ok)
+
+
+@triton.jit
 def qk_norm_rotary_forward_kernel(qk_ptr, qk_token_stride, qk_qk_stride, qk_head_stride, cos_ptr, sin_ptr,
                                   q_ptr, k_ptr, rstd_ptr, n_rows, n_heads, eps,
                                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     which = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_HALF)
-    ok = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
-    token, head = (rows // n_heads).to(tl.int64), (rows % n_heads).to(tl.int64)
+    rows, cols, ok, token, head = _tile(n_rows, n_heads, HALF, BLOCK_HALF, BLOCK_ROWS)
     x_at = qk_ptr + which * qk_qk_stride + (token * qk_token_stride + head * qk_head_stride)[:, None] + cols[None, :]
-    x1 = tl.load(x_at, ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x_at + HALF, ok, other=0.0).to(tl.float32)
+    x1, x2 = _halves(x_at, ok, HALF)
     rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
-    cs_at = token[:, None] * HALF + cols[None, :]
-    c, s = tl.load(cos_ptr + cs_at, ok), tl.load(sin_ptr + cs_at, ok)
+    c, s = _angles(cos_ptr, sin_ptr, token, cols, ok, HALF)
     n1, n2 = x1 * rstd[:, None], x2 * rstd[:, None]
     if which == 0:
         y_ptr = q_ptr
@@ -50,22 +66,16 @@ def qk_norm_rotary_backward_kernel(dq_ptr, dq_token_stride, dq_head_stride, dk_p
                                    q_ptr, k_ptr, rstd_ptr, cos_ptr, sin_ptr, dqk_ptr, n_rows, n_heads,
                                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     which = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_HALF)
-    ok = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
-    token, head = (rows // n_heads).to(tl.int64), (rows % n_heads).to(tl.int64)
+    rows, cols, ok, token, head = _tile(n_rows, n_heads, HALF, BLOCK_HALF, BLOCK_ROWS)
     if which == 0:
         dy_ptr, y_ptr, token_stride, head_stride = dq_ptr, q_ptr, dq_token_stride, dq_head_stride
     else:
         dy_ptr, y_ptr, token_stride, head_stride = dk_ptr, k_ptr, dk_token_stride, dk_head_stride
     dy_at = dy_ptr + (token * token_stride + head * head_stride)[:, None] + cols[None, :]
     y_at = y_ptr + rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
-    g1 = tl.load(dy_at, ok, other=0.0).to(tl.float32)
-    g2 = tl.load(dy_at + HALF, ok, other=0.0).to(tl.float32)
-    y1 = tl.load(y_at, ok, other=0.0).to(tl.float32)
-    y2 = tl.load(y_at + HALF, ok, other=0.0).to(tl.float32)
-    cs_at = token[:, None] * HALF + cols[None, :]
-    c, s = tl.load(cos_ptr + cs_at, ok), tl.load(sin_ptr + cs_at, ok)
+    g1, g2 = _halves(dy_at, ok, HALF)
+    y1, y2 = _halves(y_at, ok, HALF)
+    c, s = _angles(cos_ptr, sin_ptr, token, cols, ok, HALF)
     n1, n2 = y1 * c - y2 * s, y1 * s + y2 * c  # the normed input: the output rotated back
     dn1, dn2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient rotated back
     mean_dn_n = (tl.sum(dn1 * n1, 1) + tl.sum(dn2 * n2, 1)) / (2 * HALF)
