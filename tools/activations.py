@@ -73,7 +73,8 @@ def kept_tensors(cfg: model.ModelConfig, value_embed: bool, tokens: int) -> list
     block, dtype = model.Block(cfg, value_embed), torch.bfloat16
     x, x0, ve = (torch.randn(tokens, cfg.d_model, dtype=dtype, requires_grad=True) for _ in range(3))
     positions = torch.arange(tokens) % cfg.max_len
-    rot = tuple(t[positions].to(dtype) for t in model.rotary_tables(cfg))  # shared by all blocks, as x0
+    # in bfloat16, shared by all blocks as x0 is: cast inside apply_rotary they would count in every block
+    rot = tuple(t[positions].to(dtype) for t in model.rotary_tables(cfg))
     torch._dynamo.reset()
     torch.compile(block, backend=backend, fullgraph=True, dynamic=False)(x, x0, ve if value_embed else None, rot, None)
     return kept
