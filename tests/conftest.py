@@ -8,17 +8,13 @@ if not torch.cuda.is_available():  # triton_kernels.py then runs in Triton's CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("PLMRUN_SHARED_DATA", REPO.parent / "shared" / "data"))
+SAMPLE_FASTA = REPO / "data" / "swissprot2014_sample.fasta"
 
 
 @pytest.fixture(scope="session")
 def small_fasta() -> Path:
-    """2,000 real Swiss-Prot sequences (<=1,024 residues) from ../shared/data (see its SOURCE.md)."""
-    path = SHARED_DATA / "tests_small.fasta"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: tests need the shared dev data beside the checkout "
-                    "(or set PLMRUN_SHARED_DATA to the folder holding tests_small.fasta)")
-    return path
+    """2,000 real Swiss-Prot sequences (<=1,024 residues) shipped in the repository (data/README.md says whence)."""
+    return SAMPLE_FASTA
 
 
 @pytest.fixture(scope="session")
