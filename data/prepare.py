@@ -7,6 +7,11 @@
 FASTA may be plain, .gz or .xz. Residues are upper-cased; characters outside the ESM-2 vocabulary become <unk> and
 are counted. Sequences are stored whole. A single source without splits is split by a generator seeded with
 --seed: --num_valid + --num_test record indices drawn without replacement (the first --num_valid of them valid).
+
+Everything is written into a new folder `.{out name}.{random}.tmp` beside --out, which takes --out's place only when
+every input has been read: a failure leaves an existing --out exactly as it was and a new one absent (a killed run
+may leave its .tmp folder behind; delete it). As --out is replaced whole, an existing --out may hold only what an
+earlier run with the same --name made (its shards and manifest.json); anything else there is refused, not deleted.
 """
 import sys
 from pathlib import Path
@@ -18,8 +23,11 @@ import gzip
 import lzma
 import multiprocessing
 import os
+import re
 import shlex
+import shutil
 import time
+import uuid
 
 import numpy as np
 
@@ -149,8 +157,13 @@ def held_out(n: int, num_valid: int, num_test: int, seed: int, label: str) -> di
     return {i: "valid" if k < num_valid else "test" for k, i in enumerate(chosen)}
 
 
-def count_fasta(path: Path) -> int:
-    return sum(block.count(b"\n>") + 1 for _, _, block in fasta_blocks(path))
+def count_fasta(path: Path, progress) -> int:
+    progress.label, count = f"{path} (counting its records for the split)", 0
+    for _, position, block in fasta_blocks(path):
+        count += block.count(b"\n>") + 1
+        progress.read = position / max(path.stat().st_size, 1)
+        progress.show()
+    return count
 
 
 def fasta_jobs(path: Path, split, progress):
@@ -200,7 +213,7 @@ class Progress:
         if now - self.last > 5:
             self.last = now
             read = f", {100 * self.read:.0f}% read" if self.read is not None else ""
-            print(f"  {self.label}{read}: {self.sequences:,} sequences, {self.tokens:,} tokens tokenized, "
+            print(f"  {self.label}{read}: {self.sequences:,} sequences, {self.tokens:,} tokens tokenized so far, "
                   f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -234,6 +247,36 @@ def run_jobs(jobs, writers, workers: int, progress: Progress) -> int:
     return unknown
 
 
+def check_out(out: Path, name: str) -> None:
+    """Refuse an --out whose replacement would delete files that are not this dataset's outputs."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    ours = re.compile(rf"{re.escape(name)}_({'|'.join(SPLITS)})_\d{{6}}\.bin|manifest\.json")
+    foreign = sorted(f.name for f in out.iterdir() if not ours.fullmatch(f.name))
+    if foreign:
+        raise ValueError(f"--out {out} holds files that are not --name {name} shards or manifest.json "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); this script replaces the "
+                         "whole folder, so give a new or empty folder, or move those files away")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder tmp in out's place. The old out is renamed aside before it is deleted, so that at no
+    moment does a folder hold a mix of old and new files (a crash in between leaves it under the .old name)."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = tmp.with_suffix(".old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fasta", type=Path, help="one FASTA file (plain, .gz or .xz), split here")
@@ -261,6 +304,8 @@ def main(argv=None):
         if path is not None and not path.is_file():
             p.error(f"{path}: no such file")
 
+    out = args.out.resolve()  # through a symbolic link, so that the new folder is made where the old one is
+    check_out(out, args.name)  # before any work
     progress = Progress()
     if args.hf_dataset:
         sources, held = hf_sources(args.hf_dataset, args)
@@ -268,7 +313,7 @@ def main(argv=None):
                    for ds, label, split in sources]
         source = {"hf_dataset": args.hf_dataset}
     elif args.fasta:
-        held = held_out(count_fasta(args.fasta), args.num_valid, args.num_test, args.seed, str(args.fasta))
+        held = held_out(count_fasta(args.fasta, progress), args.num_valid, args.num_test, args.seed, str(args.fasta))
         sources = [(lambda: fasta_jobs(args.fasta, None, progress), str(args.fasta))]
         source = {"fasta": str(args.fasta)}
     else:
@@ -280,23 +325,30 @@ def main(argv=None):
     HELD_OUT.clear()
     HELD_OUT.update(held)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stale = [f for s in SPLITS for f in args.out.glob(f"{args.name}_{s}_*.bin*")] + list(args.out.glob("manifest.json"))
-    for f in stale:  # outputs of an earlier run: this run rewrites them all
-        f.unlink()
-    writers = {s: ShardWriter(args.out, args.name, s, args.shard_tokens) for s in SPLITS}
-    unknown = 0
-    for jobs, label in sources:
-        progress.label, progress.read = label, None
-        unknown += run_jobs(jobs(), writers, args.workers, progress)
-    for w in writers.values():
-        w.flush()
-    manifest = {"name": args.name, "source": source, "splits": {s: w.summary() for s, w in writers.items()},
-                "unknown_characters": unknown, "command": shlex.join(["python"] + sys.argv)}
-    write_manifest(args.out, manifest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"  # a name no other run can be using
+    tmp.mkdir()
+    try:
+        if out.is_dir():  # the new folder keeps the old one's permissions
+            tmp.chmod(out.stat().st_mode)
+        writers = {s: ShardWriter(tmp, args.name, s, args.shard_tokens) for s in SPLITS}
+        unknown = 0
+        for jobs, label in sources:
+            progress.label, progress.read = label, None
+            unknown += run_jobs(jobs(), writers, args.workers, progress)
+        for w in writers.values():
+            w.flush()
+        manifest = {"name": args.name, "source": source, "splits": {s: w.summary() for s, w in writers.items()},
+                    "unknown_characters": unknown, "command": shlex.join(["python"] + sys.argv)}
+        write_manifest(tmp, manifest)
+        check_out(out, args.name)  # again: files may have appeared in --out while this ran
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     counts = ", ".join(f"{s} {w.sequences:,} sequences / {w.summary()['tokens']:,} tokens in {len(w.shards)} shards"
                        for s, w in writers.items())
-    print(f"{args.out}: {counts}; {unknown:,} unknown characters -> <unk>; {time.time() - progress.start:.1f} s")
+    print(f"wrote {args.out}: {counts}; {unknown:,} unknown characters -> <unk>; "
+          f"{time.time() - progress.start:.1f} s in all")
     return manifest
 
 

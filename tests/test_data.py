@@ -154,6 +154,50 @@ def test_hf_dataset_splits_like_fasta(tmp_path):
     assert docs_of(shards(out, "valid")) == [encode(s) for s in seqs[200:250]]
 
 
+def folder_bytes(folder: Path) -> dict:
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+def test_failed_prepare_leaves_out_as_it_was(small_fasta, tmp_path, capsys):
+    valid, bad = tmp_path / "valid.fasta", tmp_path / "test.fasta"
+    valid.write_text(">v\nMKVLA\n")
+    bad.write_text(">t\nMKV\n>empty\n")  # a record with no residues at the end of the last input
+    out = tmp_path / "data" / "out"
+
+    def run(test, out=out):
+        return prepare.main(list(map(str, ["--workers", 2, "--train", small_fasta, "--valid", valid, "--test", test,
+                                           "--shard_tokens", 100_000, "--out", out, "--name", "t"])))
+
+    run(valid)
+    assert f"wrote {out}" in capsys.readouterr().out  # where the shards are
+    before, siblings = folder_bytes(out), sorted(out.parent.iterdir())
+    assert len(before) == 7 + 1 + 1 + 1
+    with pytest.raises(ValueError, match="no residues"):
+        run(bad)
+    assert folder_bytes(out) == before and sorted(out.parent.iterdir()) == siblings  # no temporary folder left
+    with pytest.raises(ValueError, match="no residues"):  # a new --out is not made at all
+        run(bad, tmp_path / "data" / "new")
+    assert sorted(out.parent.iterdir()) == siblings
+
+
+def test_prepare_replaces_out_whole_and_keeps_other_files(small_fasta, tmp_path):
+    many, out = run_prepare(tmp_path, "--fasta", small_fasta, "--num_valid", 10, "--num_test", 10,
+                            "--shard_tokens", 100_000)
+    assert len(many["splits"]["train"]["shards"]) == 7
+    one, _ = run_prepare(tmp_path, "--fasta", small_fasta, "--num_valid", 10, "--num_test", 10)
+    assert sorted(f.name for f in out.iterdir()) == ["manifest.json", "t_test_000000.bin", "t_train_000000.bin",
+                                                     "t_valid_000000.bin"]  # no shard of the earlier run survives
+    assert json.loads((out / "manifest.json").read_text()) == one
+    assert sha256s(one) == {s: [hashlib.sha256(f.read_bytes()).hexdigest()] for s in ("train", "valid", "test")
+                            for f in shards(out, s)}
+    # an --out holding anything else is refused before any work, and left as it was
+    (out / "notes.txt").write_text("mine")
+    before = folder_bytes(out)
+    with pytest.raises(ValueError, match=r"notes\.txt.*replaces the whole folder"):
+        run_prepare(tmp_path, "--fasta", small_fasta, "--num_valid", 10, "--num_test", 10)
+    assert folder_bytes(out) == before and sorted(tmp_path.iterdir()) == [out]
+
+
 # ---- training loader
 
 def take(loader, n):

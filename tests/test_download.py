@@ -1,12 +1,15 @@
 """data/download_omgprot50.py against a loopback HTTP server that answers the hub's tree and resolve URLs for a
-local folder (HF_ENDPOINT points huggingface_hub at it), and --tokenize against a local dataset folder."""
+local folder (HF_ENDPOINT points the script at it), and --tokenize against a local dataset folder."""
 import hashlib
 import http.server
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -14,50 +17,54 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+import download_omgprot50  # noqa: E402
 from dataloader import CLS, EOS, read_shard, write_shard  # noqa: E402
 
 HUB_REPO = "Synthyra/omg_prot50_packed"
 
 
 class Hub(http.server.BaseHTTPRequestHandler):
+    """The hub's tree listing (in pages of 3 entries, as the hub pages long listings) and file downloads, with Range
+    requests. Files named in `cut` are sent only up to that many bytes before the connection closes; files named in
+    `corrupt` are sent with one byte changed, unlike the sha256 the listing declares."""
     folder: Path
-    fetched: list
+    fetched: list  # (file name, first byte asked for) of every download
+    cut: dict
+    corrupt: set
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
         tree = f"/api/datasets/{HUB_REPO}/tree/main"
-        if self.path.split("?")[0] == tree:
-            files = sorted(p for p in self.folder.iterdir())
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == tree:
+            start = int(urllib.parse.parse_qs(url.query).get("cursor", ["0"])[0])
+            files = sorted(self.folder.iterdir())
             body = json.dumps([{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": "0" * 40,
                                 "lfs": {"size": p.stat().st_size, "pointerSize": 134,
-                                        "oid": hashlib.sha256(p.read_bytes()).hexdigest()}} for p in files])
-            return self.reply(200, body.encode(), {"Content-Type": "application/json"})
-        self.serve_file(send_body=True)
-
-    def do_HEAD(self):
-        self.serve_file(send_body=False)
-
-    def serve_file(self, send_body):
+                                        "oid": hashlib.sha256(p.read_bytes()).hexdigest()}}
+                               for p in files[start:start + 3]])
+            more = {"Link": f'<http://{self.headers["Host"]}{tree}?recursive=true&cursor={start + 3}>; rel="next"'}
+            return self.reply(200, body.encode(), more if start + 3 < len(files) else {})
         prefix = f"/datasets/{HUB_REPO}/resolve/main/"
         path = self.folder / self.path[len(prefix):]
         if not self.path.startswith(prefix) or not path.is_file():
             return self.reply(404, b"", {"X-Error-Code": "EntryNotFound"})
-        data = path.read_bytes()
+        data = bytearray(path.read_bytes())
+        if path.name in self.corrupt:
+            data[-1] ^= 1
         start = int(self.headers.get("Range", "bytes=0-")[6:].split("-")[0])
-        if send_body:
-            self.fetched.append(path.name)
-        headers = {"X-Repo-Commit": "1" * 40, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-        self.reply(206 if start else 200, data[start:], headers, send_body)
+        self.fetched.append((path.name, start))
+        self.reply(206 if start else 200, data[start:], {}, self.cut.get(path.name))
 
-    def reply(self, code, body, headers, send_body=True):
+    def reply(self, code, body, headers, cut=None):
         self.send_response(code)
         for k, v in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(k, v)
         self.end_headers()
-        if send_body:
-            self.wfile.write(body)
+        self.wfile.write(body[:cut])
 
 
 def shard(*docs):
@@ -65,7 +72,7 @@ def shard(*docs):
 
 
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, monkeypatch):
     folder = tmp_path / "hub"
     folder.mkdir()
     # the public repo's layout: val/test shard 0, train shards from 1
@@ -74,46 +81,91 @@ def hub(tmp_path):
     for i in (1, 2, 3):
         write_shard(folder / f"omgprot50_train_{i:06d}.bin", shard([4] * i, [5, 6]))
     (folder / "README.md").write_text("not a shard")
-    handler = type("Handler", (Hub,), {"folder": folder, "fetched": []})
+    handler = type("Handler", (Hub,), {"folder": folder, "fetched": [], "cut": {}, "corrupt": set()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield folder, handler.fetched, f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # quick to shut down
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield handler
     server.shutdown()
 
 
-def download(endpoint, tmp_path, *args):
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, str(REPO / "data" / "download_omgprot50.py"), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=60)
+def download(*args):
+    return download_omgprot50.main(list(map(str, args)))
 
 
-def test_partial_download_resumes_and_checks_headers(hub, tmp_path):
-    folder, fetched, endpoint = hub
+def same_as_hub(out, hub):
+    for p in out.glob("*.bin"):
+        assert p.read_bytes() == (hub.folder / p.name.replace("_valid_", "_val_")).read_bytes()
+
+
+def test_download_verifies_and_records_sha256s(hub, tmp_path, capsys):
     out = tmp_path / "out"
-    r = download(endpoint, tmp_path, "--out", out, "--num_chunks", 2)
-    assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.glob("*.bin")) == [
-        "omgprot50_test_000000.bin", "omgprot50_train_000001.bin", "omgprot50_train_000002.bin",
+    download("--out", out, "--num_chunks", 2)
+    assert sorted(p.name for p in out.iterdir()) == [  # the shards and the manifest, no partial download
+        "manifest.json", "omgprot50_test_000000.bin", "omgprot50_train_000001.bin", "omgprot50_train_000002.bin",
         "omgprot50_valid_000000.bin"]
-    for p in out.glob("*.bin"):  # unchanged bytes, readable by our reader
-        remote = p.name.replace("_valid_", "_val_")
-        assert p.read_bytes() == (folder / remote).read_bytes() and read_shard(p)[0] == CLS
+    same_as_hub(out, hub)
+    assert all(read_shard(p)[0] == CLS for p in out.glob("*.bin"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["tokens"] == 7 + 8
-    assert manifest["splits"]["valid"]["shards"][0]["sha256"] == hashlib.sha256(
-        (folder / "omgprot50_val_000000.bin").read_bytes()).hexdigest()
-    # again with one more chunk and a damaged local shard: only those two are fetched
-    fetched.clear()
-    (out / "omgprot50_train_000001.bin").write_bytes((out / "omgprot50_train_000001.bin").read_bytes()[:-2])
-    r = download(endpoint, tmp_path, "--out", out, "--num_chunks", 3)
-    assert r.returncode == 0, r.stderr
-    assert "truncated" in r.stderr and sorted(fetched) == ["omgprot50_train_000001.bin", "omgprot50_train_000003.bin"]
-    # a corrupt shard on the hub is an error naming it, and never appears under its final name
-    (folder / "omgprot50_train_000004.bin").write_bytes(b"\0" * 2000)
-    r = download(endpoint, tmp_path, "--out", out)
-    assert r.returncode != 0 and "omgprot50_train_000004.bin is not a token shard" in r.stderr
-    assert not (out / "omgprot50_train_000004.bin").exists()
+    assert {f["file"]: f["sha256"] for s in manifest["splits"].values() for f in s["shards"]} == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.bin")}
+    # progress lines, per file and in all: bytes, rate and time left
+    assert re.search(r"omgprot50_train_000002\.bin: 1\.0 kB of 1\.0 kB, [\d.]+ [kMG]?B/s, 0 s left; "
+                     r"all: 4\.1 kB of 4\.1 kB, [\d.]+ [kMG]?B/s, 0 s left", capsys.readouterr().err)
+    # fewer train shards than the folder holds: refused, the folder left as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"omgprot50_train_000002\.bin.*--num_chunks"):
+        download("--out", out, "--num_chunks", 1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_interrupted_download_resumes(hub, tmp_path):
+    out = tmp_path / "out"
+    half = (hub.folder / "omgprot50_train_000002.bin").stat().st_size // 2
+    hub.cut["omgprot50_train_000002.bin"] = half  # the connection drops half way through
+    with pytest.raises(ValueError, match=r"omgprot50_train_000002\.bin: .*run the command again to resume"):
+        download("--out", out, "--num_chunks", 2)
+    assert sorted(p.name for p in out.glob("*.bin")) == [
+        "omgprot50_test_000000.bin", "omgprot50_train_000001.bin", "omgprot50_valid_000000.bin"]
+    assert not (out / "manifest.json").exists()
+    # the rerun fetches the rest of that file, and a local shard that differs from the hub's again, nothing else
+    hub.cut.clear()
+    hub.fetched.clear()
+    damaged = out / "omgprot50_train_000001.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-2])
+    manifest = download("--out", out, "--num_chunks", 3)
+    assert sorted(hub.fetched) == [("omgprot50_train_000001.bin", 0), ("omgprot50_train_000002.bin", half),
+                                   ("omgprot50_train_000003.bin", 0)]
+    same_as_hub(out, hub)
+    assert len(manifest["splits"]["train"]["shards"]) == 3
+
+
+def test_bad_downloads_are_refused(hub, tmp_path):
+    out = tmp_path / "out"
+    hub.corrupt.add("omgprot50_train_000001.bin")  # not the bytes whose sha256 the hub declares
+    with pytest.raises(ValueError, match=r"omgprot50_train_000001\.bin .* sha256 .* run the command again"):
+        download("--out", out, "--num_chunks", 1)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        "omgprot50_test_000000.bin", "omgprot50_valid_000000.bin"]  # nothing half made, nothing kept of it
+    # a file the hub holds as it declares, but not a shard
+    hub.corrupt.clear()
+    (hub.folder / "omgprot50_train_000000.bin").write_bytes(b"\0" * 2000)
+    with pytest.raises(ValueError, match=r"omgprot50_train_000000\.bin .*is not a token shard"):
+        download("--out", out, "--num_chunks", 1)
+    assert not (out / "omgprot50_train_000000.bin").exists() and not (out / "manifest.json").exists()
+
+
+def test_unreachable_hub_is_one_clear_message(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, str(REPO / "data" / "download_omgprot50.py"), "--out", str(tmp_path / "out")],
+                       env={**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr  # one line, no traceback
+    assert r.stderr.startswith("download_omgprot50.py: error: cannot reach the hub at http://127.0.0.1:")
+    assert "check the network or HF_ENDPOINT" in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_tokenize_builds_shards_with_prepare(tmp_path):
@@ -123,10 +175,8 @@ def test_tokenize_builds_shards_with_prepare(tmp_path):
     (data / "train.jsonl").write_text("".join(json.dumps({"id": str(i), "sequence": s}) + "\n"
                                               for i, s in enumerate(seqs)))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(REPO / "data" / "download_omgprot50.py"), "--tokenize", "--out", str(out),
-                        "--hf_dataset", str(data), "--num_valid", "3", "--num_test", "3", "--workers", "1"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = download("--tokenize", "--out", out, "--hf_dataset", data, "--num_valid", 3, "--num_test", 3,
+                        "--workers", 1)
     assert [manifest["splits"][s]["sequences"] for s in ("train", "valid", "test")] == [24, 3, 3]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
     assert read_shard(out / "omg_prot50_train_000000.bin").sum() > 0
