@@ -185,7 +185,7 @@ def main(argv=None):
     if args.source is not None and not args.source.is_file():
         p.error(f"{args.source}: no such file")
     if args.out.exists() and not (args.out.is_dir() and all(f.name == "manifest.json" or f.match("sp2014_*.bin")
-                                                            for f in args.out.iterdir())):
+                                                            for f in args.out.iterdir())):  # before the long work
         p.error(f"{args.out} holds other files than sp2014 shards: give a new folder, or one of an earlier build")
     start = time.time()
     lists = read_split()
@@ -206,22 +206,10 @@ def main(argv=None):
             paths[split].write_bytes(texts[split])
         del texts
         say("split assembled and checked; tokenizing", start)
-        # Shards go to a fresh folder beside --out that replaces it only when complete: a failure leaves no half
-        # of one behind, and an earlier --out stays as it was.
-        build, old = (args.out.with_name(f".{args.out.name}.{part}") for part in ("part", "old"))
-        for folder in (build, old):  # left by a run that was killed
-            shutil.rmtree(folder, ignore_errors=True)
-        build.mkdir(parents=True)
-        try:
-            manifest = prepare.main([f"--{s}={paths[s]}" for s in SPLITS] + ["--name=sp2014", f"--out={build}"])
-            manifest["source"] = {"sp2014": str(source.resolve()) if args.source else PACKAGE}
-            write_manifest(build, manifest)
-            if args.out.exists():
-                args.out.rename(old)
-            build.rename(args.out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
+        # prepare.py builds beside --out and swaps it in only when complete: a failure leaves --out as it was
+        manifest = prepare.main([f"--{s}={paths[s]}" for s in SPLITS] + ["--name=sp2014", f"--out={args.out}"])
+    manifest["source"] = {"sp2014": str(source.resolve()) if args.source else PACKAGE}  # not the temporary files
+    write_manifest(args.out, manifest)
     say(f"{args.out}: sp2014 shards written", start)
 
 
