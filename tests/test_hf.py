@@ -1,4 +1,5 @@
-"""tools/hf.py: a real tiny checkpoint exported as a Hugging Face folder, and scoring with the frozen metric."""
+"""tools/hf.py: a real tiny checkpoint exported as a Hugging Face folder, and scoring with the frozen metric and with
+the published evaluator's protocol (--protocol reference)."""
 import dataclasses
 import json
 import subprocess
@@ -15,11 +16,12 @@ pytest.importorskip("safetensors")
 
 import train
 from data.prepare import encode
-from dataloader import PAD, VOCAB, assemble, eval_batches
+from dataloader import CLS, EOS, MASK, PAD, VOCAB, assemble, documents, eval_batches, read_shard
 from model import PRESETS, Model
 from test_train import REPO, tiny
 from train import SCHEMES, metric_key
-from tools.hf import HFError, export, save_tokenizer, score
+from tools.hf import (HFError, data_fingerprint, document_lengths, export, reference_batches, save_tokenizer, score,
+                      split_documents)
 
 
 def run_hf(*args):
@@ -38,7 +40,7 @@ def checkpoint(small_shards, tmp_path_factory) -> Path:
     path = Path(h.checkpoint_dir) / "step_000000.pt"
     path.parent.mkdir(parents=True)
     torch.save({"model": model.state_dict(), "hyperparameters": dataclasses.asdict(h), "step": 0, "run_id": "test",
-                "data_sha256": train.data_sha256(h.data)}, path)
+                "data_sha256": data_fingerprint(Path(h.data))}, path)
     return path
 
 
@@ -233,3 +235,138 @@ def test_export_refuses_a_file_that_is_not_a_train_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(HFError, match="not a checkpoint written by train.py"):
         export(tmp_path / "other.pt", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --protocol reference: the published evaluator (Synthyra/SpeedrunningPLMs evaluation/benchmark_esm.py + masker.py)
+
+def valid_letters(shards: Path) -> list[str]:
+    tokens = read_shard(sorted(shards.glob("*_valid_*.bin"))[0])
+    return ["".join(VOCAB[t] for t in tokens[a + 1:a + n - 1]) for a, n in zip(*documents(tokens))]
+
+
+def reference_by_hand(model_dir: Path, shards: Path, tokenizer_dir: Path, max_len=1022, to_model_ids=None):
+    """The published evaluator redone in its own terms: letters sorted longest first, a DataLoader of 4 whose
+    collate tokenizes (truncating to max_len tokens), draws masks from torch's global generator seeded 42, and the
+    mean of per-batch mean cross-entropies. Returns the loss and each batch's labels [4, L] (-100 where unmasked)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+
+    def collate(seqs):
+        enc = tokenizer(seqs, padding="longest", max_length=max_len, truncation=True, return_tensors="pt")
+        ids, att = enc["input_ids"], enc["attention_mask"].bool()
+        masked = (torch.rand(ids.shape) < 0.15) & att & (ids != CLS) & (ids != EOS)
+        for row in range(len(seqs)):
+            if not masked[row].any() and att[row].sum() > 2:
+                where = torch.nonzero(att[row] & (ids[row] != CLS) & (ids[row] != EOS))[:, 0]
+                masked[row, where[torch.randint(len(where), (1,))]] = True
+        return torch.where(masked, MASK, ids), att, torch.where(masked, ids, -100)
+
+    losses, labels_seen = [], []
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(42)
+        loader = torch.utils.data.DataLoader(sorted(valid_letters(shards), key=len, reverse=True), batch_size=4,
+                                             collate_fn=collate)
+        for ids, att, labels in loader:
+            labels_seen.append(labels)
+            if to_model_ids is not None:
+                ids, labels = to_model_ids[ids], torch.where(labels >= 0, to_model_ids[labels.clamp(min=0)], -100)
+            logits = model(input_ids=ids, attention_mask=att.long()).logits
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).item())
+    return sum(losses) / len(losses), labels_seen
+
+
+def assert_same_masks(shards: Path, hand_labels, max_len=1022):
+    """The masks of reference_batches, row by row, are the hand computation's bit for bit."""
+    batches = list(reference_batches(split_documents(sorted(shards.glob("*_valid_*.bin"))), max_len))
+    assert len(batches) == len(hand_labels)
+    for (b, rows), labels in zip(batches, hand_labels):
+        lengths = document_lengths(b.input_ids, b.doc_ids)
+        assert rows == len(lengths) == len(labels)
+        at = b.mask_idx[b.targets >= 0]
+        row = torch.searchsorted(lengths.cumsum(0), at, right=True)
+        col = at - (lengths.cumsum(0) - lengths)[row]
+        assert torch.equal(torch.stack([row, col], 1), torch.nonzero(labels >= 0))
+        assert torch.equal(b.targets[b.targets >= 0], labels[labels >= 0])
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory) -> Path:
+    """A valid split of the reference's edge cases: one-residue sequences (a mask forced on them), ties in length
+    (stable order), and sequences of 1,020 to 2,000 residues (truncated to 1,020)."""
+    rng = np.random.default_rng(3)
+    lengths = [1, 2, 1, 3, 5, 5, 5, 5, 5, 8, 30, 30, 1020, 1021, 1022, 1500, 2000, 40, 1]
+    out = tmp_path_factory.mktemp("odd")
+    for split, ns in (("train", [50, 60]), ("valid", lengths), ("test", [70])):
+        seqs = ["".join(rng.choice(list("LAGVSERTIDPKQNFYMHWC"), n)) for n in ns]
+        (out / f"{split}.fasta").write_text("".join(f">{split}{i}\n{s}\n" for i, s in enumerate(seqs)))
+    subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--train", str(out / "train.fasta"),
+                    "--valid", str(out / "valid.fasta"), "--test", str(out / "test.fasta"), "--name", "odd",
+                    "--out", str(out / "shards")], check=True, capture_output=True)
+    return out / "shards"
+
+
+def test_the_reference_protocol_is_the_published_evaluator_redone_by_hand(esm_dir, small_shards, odd_shards):
+    for shards in (small_shards, odd_shards):
+        scores = score(esm_dir, shards, splits=["valid"], protocol="reference")
+        loss, labels = reference_by_hand(esm_dir, shards, esm_dir)
+        assert_same_masks(shards, labels)
+        assert scores["protocol"] == "reference" and scores["max_len"] == 1022
+        assert scores["valid_batches"] == len(labels) and scores["valid_sequences"] == len(valid_letters(shards))
+        assert scores["valid_tokens"] == sum((lab >= 0).sum().item() for lab in labels)
+        assert scores["valid_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_the_reference_masks_follow_the_protocol(small_shards, odd_shards):
+    docs = split_documents(sorted(odd_shards.glob("*_valid_*.bin")))
+    batches = list(reference_batches(docs))
+    assert [(b.input_ids.tolist(), b.targets.tolist()) for b, _ in batches] == \
+           [(b.input_ids.tolist(), b.targets.tolist()) for b, _ in reference_batches(docs)]  # seed 42: the same
+    kept = sorted((len(d) - 2 for d in docs), reverse=True)
+    assert sum(n for _, n in batches) == len(docs) == 19  # none dropped
+    assert [n for _, n in batches] == [4, 4, 4, 4, 3]
+    seen = []
+    for b, _ in batches:
+        lengths = document_lengths(b.input_ids, b.doc_ids)
+        starts = lengths.cumsum(0) - lengths
+        at, targets = b.mask_idx[b.targets >= 0], b.targets[b.targets >= 0]
+        assert (b.input_ids[at] == MASK).all() and not set(targets.tolist()) & {CLS, EOS, PAD, MASK}
+        row = torch.searchsorted(lengths.cumsum(0), at, right=True)
+        assert ((at > starts[row]) & (at < starts[row] + lengths[row] - 1)).all()  # never <cls> or <eos>
+        assert (torch.bincount(row, minlength=len(lengths)) >= 1).all()  # every sequence has a masked residue
+        assert (b.input_ids[starts] == CLS).all() and (b.input_ids[starts + lengths - 1] == EOS).all()
+        seen += lengths.tolist()
+    assert seen == [min(n, 1020) + 2 for n in kept]  # cut to <cls>, the first 1,020 residues, <eos>
+    longest, first = docs[[len(d) for d in docs].index(2002)], batches[0][0].input_ids[:1022].numpy()
+    assert ((first[:-1] == longest[:1021]) | (first[:-1] == MASK)).all() and first[-1] == EOS
+    # 15% of the residues of real sequences, mask-only
+    b = list(reference_batches(split_documents(sorted(small_shards.glob("*_valid_*.bin")))))
+    rate = sum((x.targets >= 0).sum().item() for x, _ in b) / sum(len(d) - 2 for d in split_documents(
+        sorted(small_shards.glob("*_valid_*.bin"))))
+    assert 0.14 < rate < 0.16
+
+
+def test_the_reference_protocol_scores_our_exported_folder_and_another_vocabulary(exported, other_vocab_dir, esm_dir,
+                                                                                  small_shards, odd_shards, tmp_path):
+    out = tmp_path / "scores.json"
+    r = run_hf("score", str(exported), "--data", str(odd_shards), "--protocol", "reference", "--max_len", "512",
+               "--splits", "valid", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "valid reference: loss " in r.stdout
+    scores = json.loads(out.read_text())
+    loss, labels = reference_by_hand(exported, odd_shards, esm_dir, max_len=512)
+    assert_same_masks(odd_shards, labels, max_len=512)
+    assert scores["protocol"] == "reference" and scores["valid_loss"] == pytest.approx(loss, rel=1e-5)
+
+    theirs = transformers.AutoTokenizer.from_pretrained(other_vocab_dir)
+    to_model_ids = torch.tensor(theirs.convert_tokens_to_ids([{"<cls>": "<bos>"}.get(t, t) for t in VOCAB]))
+    loss, _ = reference_by_hand(other_vocab_dir, small_shards, esm_dir, to_model_ids=to_model_ids)
+    other = score(other_vocab_dir, small_shards, splits=["valid"], protocol="reference")
+    assert other["valid_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_bad_protocol_or_missing_data_is_one_line_without_traceback(exported, small_shards, tmp_path):
+    for args, says in ((["--data", str(small_shards), "--protocol", "published"], "--protocol published: unknown"),
+                       (["--data", str(tmp_path / "nowhere"), "--protocol", "reference"], "no *_valid_*.bin shards")):
+        r = run_hf("score", str(exported), *args)
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

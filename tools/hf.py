@@ -4,6 +4,7 @@
     python -m tools.hf score hf/plmrun-sp2014 --data data/sp2014
     python -m tools.hf score path/to/esm2_t6_8M_UR50D --data data/sp2014 [--splits valid] [--device cuda]
     python -m tools.hf score path/to/AMPLIFY_120M --data data/sp2014 --trust_remote_code
+    python -m tools.hf score path/to/esm2_t30_150M_UR50D --data data/omgprot50 --protocol reference
 
 An exported folder holds model.safetensors, config.json, the ESM-2 tokenizer, this checkout's model.py and a small
 wrapper (tools/hf_export/modeling_plmrun.py): AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True) loads
@@ -11,7 +12,8 @@ it. `score` is train.py's frozen evaluation (the same batches and masks, train.e
 cross-entropy and accuracy) for such a folder or any EsmForMaskedLM folder (ESM-2 8M..3B); for our own folders it
 gives exactly the losses of `train.py --eval_only` on the checkpoint. A model with another vocabulary (AMPLIFY's,
 say) is scored on the same masked residues through its own token ids, with cross-entropy over its whole
-vocabulary. transformers and safetensors are needed here only: training never imports this module.
+vocabulary. `--protocol reference` scores instead with the published evaluator of the OMGprot50 numbers (see
+reference_batches). transformers and safetensors are needed here only: training never imports this module.
 """
 import argparse
 import dataclasses
@@ -20,10 +22,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import train
-from dataloader import PAD, STANDARD_AA, VOCAB, check_tokens_per_batch, eval_batches
+from dataloader import (BLOCK, CLS, EOS, MASK, PAD, STANDARD_AA, VOCAB, assemble, check_tokens_per_batch, documents,
+                        eval_batches, read_shard, to_batch)
 from model import PRESETS, Model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +166,8 @@ def vocabulary_map(model_dir: Path, trust_remote_code: bool) -> tuple[torch.Tens
     return torch.tensor([i if i >= 0 else unk for i in found]), torch.tensor(columns)
 
 
-def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_remote_code: bool = False):
+def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_remote_code: bool = False,
+                     protocol: str = "frozen"):
     """The model of a folder, callable as our Model: ours unwrapped (exactly train.py's evaluation), other ESM-2
     vocabulary models in PackedRows, other vocabularies in OtherVocabulary. Refuses a model that takes fewer than
     max_len tokens."""
@@ -176,9 +182,9 @@ def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_
     # ESM counts <cls> and <eos> in its positions and (like RoBERTa) keeps two: 1026 positions take 1024 tokens
     limit = config["max_len"] if ours else config.get("max_position_embeddings", max_len + 2) - 2
     if max_len > limit:
-        raise HFError(f"{model_dir} takes documents of at most {limit} tokens, the frozen sets crop them at {max_len}; "
-                      f"pass --max_len {limit} (the losses are then those of sequences cropped to {limit - 2} "
-                      "residues, not comparable with the 1024-token frozen metric)")
+        raise HFError(f"{model_dir} takes documents of at most {limit} tokens, the {protocol} protocol crops them at "
+                      f"{max_len}; pass --max_len {limit} (the losses are then those of sequences cropped to "
+                      f"{limit - 2} residues, not comparable with the {max_len}-token {protocol} metric)")
     auto_map = config.get("auto_map", {})
     base_only = "AutoModel" in auto_map and "AutoModelForMaskedLM" not in auto_map  # AMPLIFY's code registers so
     auto = AutoModel if base_only and trust_remote_code else AutoModelForMaskedLM
@@ -196,30 +202,56 @@ def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_
     return torch.compile(hf.model, dynamic=False, fullgraph=True) if device.type == "cuda" else hf.model
 
 
-def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batch: int = 65536, max_len: int = 1024,
-          device: str = "cpu", trust_remote_code: bool = False) -> dict:
-    """train.py's frozen-set losses and accuracies of a model folder, under the keys train.py logs them with."""
-    device = torch.device(device)
+def data_fingerprint(data: Path) -> str:
+    """The shards' fingerprint as train.py logs it; for a folder without a usable manifest, why there is none."""
+    try:  # dataloader.verified_fingerprint replaces train.data_sha256: work with either checkout
+        from dataloader import verified_fingerprint
+    except ImportError:
+        return train.data_sha256(data)
     try:
-        check_tokens_per_batch(tokens_per_batch, max_len)
+        return verified_fingerprint(data)
     except ValueError as e:
-        raise HFError(f"--tokens_per_batch {tokens_per_batch}: {e}")
+        return f"none ({e})"
+
+
+PROTOCOLS = {"frozen": "train.py's frozen evaluation sets and metric",
+             "reference": "the published OMGprot50 evaluator's (reference_batches)"}
+DEFAULT_MAX_LEN = {"frozen": 1024, "reference": 1022}
+
+
+def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batch: int = 65536,
+          max_len: int | None = None, device: str = "cpu", trust_remote_code: bool = False,
+          protocol: str = "frozen") -> dict:
+    """The losses and accuracies of a model folder on a shard folder's splits: train.py's frozen-set metrics under
+    the keys train.py logs them with (protocol "frozen"), or the published evaluator's (protocol "reference")."""
+    if protocol not in PROTOCOLS:
+        choices = " or ".join(f"{k} ({v})" for k, v in PROTOCOLS.items())
+        raise HFError(f"--protocol {protocol}: unknown; choose {choices}")
+    max_len = max_len or DEFAULT_MAX_LEN[protocol]
+    device = torch.device(device)
+    if protocol == "frozen":
+        try:
+            check_tokens_per_batch(tokens_per_batch, max_len)
+        except ValueError as e:
+            raise HFError(f"--tokens_per_batch {tokens_per_batch}: {e}")
     shards = {split: sorted(data.glob(f"*_{split}_*.bin")) for split in splits}
     for split, files in shards.items():
         if not files:
             raise HFError(f"--data {data}: no *_{split}_*.bin shards; make them with data/prepare.py (README: Setup)")
-    model = load_for_scoring(model_dir, device, max_len, trust_remote_code)
+    model = load_for_scoring(model_dir, device, max_len, trust_remote_code, protocol)
     window = torch.tensor(max_len, dtype=torch.int32, device=device)
-    results = {"model": str(model_dir), "data": str(data), "data_sha256": train.data_sha256(data), "max_len": max_len}
+    results = {"model": str(model_dir), "data": str(data), "data_sha256": data_fingerprint(data), "max_len": max_len,
+               "protocol": protocol}
     for split in splits:
+        if protocol == "reference":
+            results.update(score_reference(model, model_dir, split, shards[split], max_len, window))
+            continue
         for scheme in train.SCHEMES:
-            batches = [b.to(device) for b in eval_batches(shards[split], tokens_per_batch, scheme, max_len=max_len)]
-            if isinstance(model, OtherVocabulary):
-                masked = torch.cat([b.targets[b.targets >= 0] for b in batches]).unique()
-                lacking = [VOCAB[t] for t in masked.tolist() if model.columns[t] < 0]
-                if lacking:
-                    raise HFError(f"{model_dir}: its tokenizer has no token for {' '.join(lacking)}, which the frozen "
-                                  f"{split} set masks: the model cannot score those residues")
+            try:
+                batches = [b.to(device) for b in eval_batches(shards[split], tokens_per_batch, scheme, max_len=max_len)]
+            except (OSError, ValueError) as e:  # a corrupt or foreign shard
+                raise HFError(str(e))
+            check_masked_residues(model, model_dir, torch.cat([b.targets for b in batches]), f"frozen {split} set")
             r = train.evaluate(model, batches, window)
             key = train.metric_key(split, scheme)
             results.update({f"{key}_loss": r["loss"], f"{key}_accuracy": r["accuracy"], f"{key}_tokens": r["tokens"]})
@@ -228,30 +260,138 @@ def score(model_dir: Path, data: Path, splits=("valid", "test"), tokens_per_batc
     return results
 
 
+def check_masked_residues(model, model_dir: Path, targets: torch.Tensor, where: str) -> None:
+    """A model with another vocabulary cannot score a masked residue it has no token for: refuse, naming it."""
+    if not isinstance(model, OtherVocabulary):
+        return
+    masked = targets[targets >= 0].unique().cpu()
+    lacking = [VOCAB[t] for t in masked.tolist() if model.columns[t] < 0]
+    if lacking:
+        raise HFError(f"{model_dir}: its tokenizer has no token for {' '.join(lacking)}, which the {where} masks: the "
+                      "model cannot score those residues")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the published evaluator (Synthyra/SpeedrunningPLMs, evaluation/benchmark_esm.py and evaluation/masker.py)
+
+def split_documents(files: list) -> list[np.ndarray]:
+    """The documents (`<cls> residues <eos>` token arrays) of a split's shards, in shard order."""
+    docs = []
+    for f in files:
+        try:
+            tokens = read_shard(f)
+        except (OSError, ValueError) as e:
+            raise HFError(str(e))
+        starts, lengths = documents(tokens)
+        docs += [np.asarray(tokens[a:a + n]) for a, n in zip(starts.tolist(), lengths.tolist())]
+    return docs
+
+
+def reference_batches(docs: list, max_len: int = 1022, batch_size: int = 4, mask_rate: float = 0.15,
+                      seed: int = 42):
+    """The published evaluator's batches of a split, each as a packed Batch of round_up(batch_size * max_len)
+    tokens (one shape, so one compiled graph serves them all); yields (Batch, number of sequences in it).
+
+    What the reference does (benchmark_esm.py with its ProteinMasker; sequences read from the split's parquet):
+    - every sequence is kept; they are sorted by residue count, longest first (Python's stable sort, so ties keep
+      the file's order), and cut into batches of 4 in that order (the last may be shorter);
+    - the ESM-2 tokenizer adds <cls>/<eos> and truncates to 1,022 tokens: <cls>, the first 1,020 residues, <eos>;
+      each batch is padded to its longest row with an attention mask;
+    - torch's global generator is seeded 42 once per (model, split), before the model is loaded; the DataLoader
+      (num_workers 0) draws one int64 from it when iterated, then each batch, in order, draws torch.rand(rows,
+      padded length) on the CPU and masks a position where that is < 0.15 and the token is neither <cls>, <eos> nor
+      padding (every masked token becomes <mask>: no 80/10/10);
+    - a row left with no masked token and more than two real tokens then draws torch.randint(its residue count,
+      (1,)) (rows in order) and masks that residue: every non-empty sequence has at least one;
+    - the batch's loss is the model's mean cross-entropy over its masked tokens; the score is the plain mean of
+      the per-batch losses (not token-weighted), its accuracy the share of all masked tokens predicted right.
+    Its published OMGprot50 numbers for ESM2-150M (float32, transformers 4.57.6): valid 2.390 over 303,545 masked
+    tokens in 2,500 batches, test 2.391 over 307,141; the masked-token count checks the masks.
+
+    Here a torch.Generator seeded 42 makes the same draws in the same order on the same (B, L) shapes, so with the
+    same sequences in the same file order the masks are bit-identical to the reference's on the CPU generator,
+    assuming its model loading drew nothing from the global generator (transformers' from_pretrained skips weight
+    initialisation; a checkpoint missing weights would be initialised randomly there and shift every mask). Not
+    identical: the sequences come from our shards (one <unk> per unknown letter, where ESM-2's tokenizer makes a
+    run of unknown letters one <unk>, and no lower-case letters), the loss is summed in another order than
+    transformers' (float32 rounding, ~1e-7), and the model runs as load_for_scoring runs it (float32 for other
+    models as there, bfloat16 on the GPU for ours; another vocabulary through its own ids, which the reference never
+    had)."""
+    g = torch.Generator().manual_seed(seed)
+    # the DataLoader's _base_seed draw (torch.utils.data.dataloader._BaseDataLoaderIter) comes before any mask
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    capacity = -(-batch_size * max_len // BLOCK) * BLOCK
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))  # stable: ties in file order
+    for k in range(0, len(order), batch_size):
+        rows = [docs[i] if len(docs[i]) <= max_len else np.concatenate([docs[i][:max_len - 1], [EOS]])
+                for i in order[k:k + batch_size]]
+        n = torch.tensor([len(r) for r in rows])
+        col = torch.arange(int(n.max()))
+        chosen = (torch.rand(len(rows), len(col), generator=g) < mask_rate) & (col >= 1) & (col < n[:, None] - 1)
+        for r in range(len(rows)):
+            if not chosen[r].any() and n[r] > 2:
+                chosen[r, 1 + torch.randint(int(n[r]) - 2, (1,), generator=g)] = True
+        offsets = (n.cumsum(0) - n).tolist()
+        mask_idx = np.concatenate([o + np.flatnonzero(c.numpy()) for o, c in zip(offsets, chosen)])
+        ids, doc_ids = assemble(rows, n.numpy(), capacity)
+        targets = ids[mask_idx].astype(np.int64)
+        ids[mask_idx] = MASK
+        yield to_batch(ids, doc_ids, mask_idx, targets, capacity), len(rows)
+
+
+def score_reference(model, model_dir: Path, split: str, files: list, max_len: int, window: torch.Tensor) -> dict:
+    """One split's loss (mean of per-batch mean losses) and accuracy under the published evaluator's protocol."""
+    docs = split_documents(files)
+    if not docs:
+        raise HFError(f"{files[0].parent}: the {split} shards hold no sequences")
+    losses, correct, count = [], 0, 0
+    with torch.no_grad():
+        for b, _ in reference_batches(docs, max_len):
+            check_masked_residues(model, model_dir, b.targets, f"reference protocol on the {split} set")
+            b = b.to(window.device)
+            logits = model(b.input_ids, b.doc_ids, b.mask_idx, None, window)
+            labelled = b.targets != -100
+            losses.append(F.cross_entropy(logits, b.targets, ignore_index=-100).item())
+            correct += ((logits.argmax(-1) == b.targets) & labelled).sum().item()
+            count += labelled.sum().item()
+    loss = sum(losses) / len(losses)  # the reference adds the batch losses as Python floats, in order
+    print(f"{split} reference: loss {loss:.4f} accuracy {correct / count:.4f} ({count:,} masked tokens, "
+          f"{len(docs):,} sequences in {len(losses):,} batches of 4)", flush=True)
+    return {f"{split}_loss": loss, f"{split}_accuracy": correct / count, f"{split}_tokens": count,
+            f"{split}_sequences": len(docs), f"{split}_batches": len(losses)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="a train.py checkpoint as a Hugging Face model folder")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--out", type=Path, required=True, help="the folder to write")
-    s = sub.add_parser("score", help="frozen validation/test losses of a Hugging Face model folder")
+    s = sub.add_parser("score", help="validation/test losses of a Hugging Face model folder")
     s.add_argument("model_dir", type=Path)
     s.add_argument("--data", type=Path, required=True, help="a shard folder made by data/prepare.py")
+    s.add_argument("--protocol", default="frozen",
+                   help="frozen (default: train.py's frozen sets and metric) or reference (the published OMGprot50 "
+                        "evaluator: 15%% mask-only, batches of 4 sorted by length, mean of per-batch losses, seed 42)")
     s.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["valid", "test"])
     s.add_argument("--tokens_per_batch", type=int, default=65536,
                    help="tokens of one packed evaluation batch (train.py's --tokens_per_rank); lower it if memory "
-                        "runs out: other models' losses do not depend on it")
-    s.add_argument("--max_len", type=int, default=1024, help="documents are cropped to this many tokens")
+                        "runs out: other models' losses do not depend on it (frozen protocol only)")
+    s.add_argument("--max_len", type=int, help="documents are cropped to this many tokens (default: 1024 frozen, "
+                                                "1022 reference, as the published evaluator truncates)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    s.add_argument("--out", type=Path, help="the JSON file of the scores (default: scores_MODELNAME.json here)")
+    s.add_argument("--out", type=Path, help="the JSON file of the scores (default: scores_MODELNAME.json here, "
+                                            "scores_MODELNAME_reference.json for the reference protocol)")
     s.add_argument("--trust_remote_code", action="store_true",
                    help="run modelling and tokenizer code shipped in the folder (AMPLIFY's, for one)")
     a = p.parse_args(argv)
     if a.command == "export":
         print(f"wrote {export(a.checkpoint, a.out)}")
         return
-    results = score(a.model_dir, a.data, a.splits, a.tokens_per_batch, a.max_len, a.device, a.trust_remote_code)
-    out = a.out or Path(f"scores_{a.model_dir.resolve().name}.json")
+    results = score(a.model_dir, a.data, a.splits, a.tokens_per_batch, a.max_len, a.device, a.trust_remote_code,
+                    a.protocol)
+    suffix = "" if a.protocol == "frozen" else f"_{a.protocol}"
+    out = a.out or Path(f"scores_{a.model_dir.resolve().name}{suffix}.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
