@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -73,6 +74,41 @@ def read_shard(path) -> np.ndarray:
         raise ValueError(f"{path}: the first token is {tokens[0]}, not <cls> ({CLS}); documents must be "
                          f"<cls> residues <eos>; {PREPARE_HINT}")
     return tokens
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified_fingerprint(folder) -> str:
+    """The data fingerprint of a shard folder (a sha256 of the shard names and sha256s its manifest.json lists,
+    the same wherever the data were made) once every *.bin there is found listed and unchanged: the fingerprint a
+    run logs then describes what it trained on. Shards are hashed in threads (hashlib lets go of the GIL)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        listed = {s["file"]: s["sha256"] for split in ("train", "valid", "test")
+                  for s in manifest["splits"][split]["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/manifest.json is missing or unreadable ({type(e).__name__}: {e}); "
+                         f"remake the folder: {PREPARE_HINT}") from None
+    remake = f"remake the folder with: {manifest['command']}" if manifest.get("command") else PREPARE_HINT
+    found = {p.name for p in folder.glob("*.bin")}
+    for problem, names in [("not listed in its manifest.json", found - listed.keys()),
+                           ("listed in its manifest.json but missing", listed.keys() - found)]:
+        if names:
+            raise ValueError(f"{folder}: shard(s) {', '.join(sorted(names))} {problem}; {remake}")
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        hashes = dict(zip(listed, pool.map(file_sha256, [folder / name for name in listed])))
+    changed = sorted(name for name, sha in listed.items() if hashes[name] != sha)
+    if changed:
+        raise ValueError(f"{folder}: shard(s) {', '.join(changed)} changed since they were made (their sha256 is not "
+                         f"the one manifest.json lists); {remake}")
+    return hashlib.sha256(json.dumps(list(listed.items())).encode()).hexdigest()
 
 
 def documents(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

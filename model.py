@@ -207,8 +207,9 @@ class Model(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids, doc_ids, mask_idx, targets, window):
-        """Mean float32 cross-entropy over targets != -100, or with targets=None the float32 logits [M, vocab]
-        of the positions mask_idx. The LM head runs on those positions only."""
+        """The float32 cross-entropy summed over targets != -100 (the caller divides by the step's count of
+        masked tokens: torchtitan's token-weighted loss), or with targets=None the float32 logits [M, vocab] of the
+        positions mask_idx. The LM head runs on those positions only."""
         T, L = input_ids.numel(), self.cfg.n_layer
         if T % BLOCK:
             raise ValueError(f"the token buffer holds {T} tokens; it must be a multiple of {BLOCK} "
@@ -234,7 +235,7 @@ class Model(nn.Module):
         logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits, targets, ignore_index=-100)
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

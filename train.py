@@ -4,12 +4,11 @@
     python train.py [--flag value ...]            # one process, GPU if there is one, else CPU
 
 Global batch = N x K x tokens_per_rank tokens. The clock counts training only: compilation and warm-up happen
-before it starts, and it pauses while the frozen validation set is evaluated.
+before it starts, and it pauses while the frozen validation set is evaluated and while a checkpoint is written.
 """
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,75 +26,88 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 
-from dataloader import PAD, TrainLoader, eval_batches
+from data.tracks import TRACKS, track_of, track_problems
+from dataloader import TrainLoader, eval_batches, verified_fingerprint
 from model import PRESETS, Model, triton_qk_norm
 from optimizer import build_optimizer
 
 REPO = Path(__file__).resolve().parent
-SOURCE_FILES = ["train.py", "model.py", "triton_kernels.py", "optimizer.py", "dataloader.py"]
-PEAK_FLOPS = 989e12  # dense bf16 FLOP/s of one H100 SXM: the denominator of MFU
+SOURCE_FILES = ["train.py", "model.py", "triton_kernels.py", "optimizer.py", "dataloader.py", "data/tracks.py"]
 SCHEMES = ("mask", "80/10/10")  # masking schemes: of --mask_scheme, and of the frozen sets
 COMPILE_MODES = ("model", "blocks", "none")
 
 
+def flag(default, help: str, choices=None):
+    """A hyperparameter: its default, its --help line and, if it takes one of a few values, those."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class Hyperparameters:
-    # data: a folder made by data/prepare.py or data/download_omgprot50.py
-    data: str = "data/sp2014"
-    tokens_per_rank: int = 65536        # tokens in one micro-batch on one GPU (a multiple of 128)
-    grad_accum: int = 1                 # micro-batches per rank per optimizer step
-    max_len: int = 1024                 # longer training documents are cropped at a random offset
-    mask_rate: float = 0.15
-    mask_scheme: str = "mask"           # "mask" (every selected residue -> <mask>) or "80/10/10"
-    num_workers: int = 4                # loader processes per rank
+    # data
+    data: str = flag("data/sp2014", "shard folder made by the data/ scripts (python data/tracks.py lists the tracks')")
+    tokens_per_rank: int = flag(65536, "tokens in one micro-batch on one GPU, a multiple of 128")
+    grad_accum: int = flag(1, "micro-batches per rank per optimizer step")
+    max_len: int = flag(1024, "longer training documents are cropped at a random offset")
+    mask_rate: float = flag(0.15, "share of the residues masked in training (evaluation stays at the frozen 15%)")
+    mask_scheme: str = flag("mask", "training masks: every chosen residue -> <mask>, or 80/10/10", SCHEMES)
+    num_workers: int = flag(4, "loader processes per rank (lowered to the CPU cores there are)")
     # model
-    preset: str = "speedrun"
-    compile: str = "model"              # CUDA only. "model": one graph (fastest steps); "blocks": one graph per kind
-                                        # of transformer block, shared by all (compiles in a fraction of the time,
-                                        # the rest runs eagerly); "none": eager, for debugging on small batches
-                                        # (uncompiled FlexAttention materialises the T x T scores)
-    activation_memory: float = 1.0      # share of the activations the compiled backward keeps (< 1: recompute the
-                                        # cheapest others, for a smaller GPU or a bigger micro-batch)
-    # run length and stopping
-    max_steps: int = 1000
-    max_tokens: int = 0                 # if > 0, also stop after this many training tokens
-    target_val_loss: float = 0.0        # if > 0, stop as soon as the frozen validation loss reaches it
-    val_every: int = 100                # steps between evaluations (0: only at the end)
-    log_every: int = 10                 # steps between train-loss log lines (each one syncs the host)
-    seed: int = 0
+    preset: str = flag("speedrun", "model size and shape (model.py's PRESETS)", list(PRESETS))
+    compile: str = flag("model", "CUDA only: model (one graph, fastest), blocks (a graph per kind of block, compiles "
+                        "faster), none (eager, debugging)", COMPILE_MODES)
+    activation_memory: float = flag(1.0, "share of the activations the compiled backward keeps; < 1 recomputes the "
+                                    "rest (less memory, slower)")
+    # run length
+    max_steps: int = flag(1000, "optimizer steps; a record run trains exactly this many")
+    max_tokens: int = flag(0, "if > 0, stop after this many training tokens instead (experiments only)")
+    target_val_loss: float = flag(0.0, "if > 0, the log says at which step the validation loss first reached it")
+    stop_at_target: bool = flag(False, "stop at the first evaluation at --target_val_loss (experiments only: a "
+                                "record run trains --max_steps)")
+    val_every: int = flag(100, "steps between evaluations (0: only at the end)")
+    log_every: int = flag(10, "steps between train-loss log lines (each one syncs the host)")
+    seed: int = flag(0, "seed of the weights, the data order and the training masks")
     # optimization: learning rates and the schedule multiplying them
-    muon_lr: float = 0.05
-    muon_momentum: float = 0.95
-    muon_momentum_start: float = 0.85   # Muon momentum warms up from this value...
-    muon_momentum_warmup_steps: int = 300  # ...to muon_momentum over these steps
-    muon_weight_decay: float = 0.0
-    embed_lr: float = 0.3
-    head_lr: float = 0.008
-    scalar_lr: float = 0.04
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    warmup_frac: float = 0.02           # linear learning-rate warm-up, fraction of the run
-    cooldown_frac: float = 0.45         # linear decay to zero over the last fraction of the run
-    window_start: int = 1024            # sliding-window size at step 0, grown linearly to max_len by the end
+    muon_lr: float = flag(0.05, "Muon learning rate (hidden matrices)")
+    muon_momentum: float = flag(0.95, "Muon momentum after its warm-up")
+    muon_momentum_start: float = flag(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = flag(300, "steps of the linear Muon momentum warm-up")
+    muon_weight_decay: float = flag(0.0, "Muon decoupled weight decay")
+    embed_lr: float = flag(0.3, "Adam learning rate of the embeddings")
+    head_lr: float = flag(0.008, "Adam learning rate of the LM head")
+    scalar_lr: float = flag(0.04, "Adam learning rate of the scalars (residual and skip weights)")
+    adam_beta1: float = flag(0.8, "Adam beta1")
+    adam_beta2: float = flag(0.95, "Adam beta2")
+    warmup_frac: float = flag(0.02, "linear learning-rate warm-up, fraction of the run")
+    cooldown_frac: float = flag(0.45, "linear decay to zero over this last fraction of the run")
+    window_start: int = flag(1024, "sliding-window size at step 0, grown linearly to --max_len by the end")
     # bookkeeping
-    log_dir: str = "logs"
-    save_every: int = 0                 # steps between checkpoints (0: none but the final one)
-    checkpoint_dir: str = "checkpoints"
-    keep_checkpoints: int = 3
-    resume: str = ""                    # checkpoint to continue from (or to evaluate, with --eval_only)
-    eval_only: bool = False
-    wandb_project: str = ""
-    hf_repo: str = ""                   # push the final checkpoint to this Hugging Face model repo
-    bench_steps: int = 0                # > 0: after warm-up, time this many steps, profile 3 more, report, stop
+    log_dir: str = flag("logs", "folder of the run logs (RUN_ID.txt and its .jsonl twin)")
+    save_every: int = flag(0, "steps between checkpoints (0: only the final one)")
+    checkpoint_dir: str = flag("checkpoints", "checkpoints go to CHECKPOINT_DIR/RUN_ID/step_NNNNNN.pt")
+    keep_checkpoints: int = flag(3, "checkpoints of this run kept (the latest)")
+    resume: str = flag("", "checkpoint to continue from (or to evaluate, with --eval_only)")
+    eval_only: bool = flag(False, "evaluate --resume on the frozen validation and test sets, then stop")
+    wandb_project: str = flag("", "also log to this Weights & Biases project (offline without WANDB_API_KEY)")
+    hf_repo: str = flag("", "push the final checkpoint to this Hugging Face model repo")
+    bench_steps: int = flag(0, "> 0: after warm-up, time this many steps, profile 3 more, report, stop")
+
+
+class RunError(Exception):
+    """An expected failure (bad input, data or checkpoint; a diverged run): its message says what to do."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def __init__(self, prog):  # wide enough that most flags explain themselves in one line
+        super().__init__(prog, max_help_position=36, width=160)
 
 
 def parse_args(argv=None) -> Hyperparameters:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(Hyperparameters):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default)
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default)
+        kind = {"type": parse_bool, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"].replace("%", "%%"), choices=f.metadata["choices"],
+                            metavar=None if f.metadata["choices"] else f.type.__name__.upper(), **kind)
     args = Hyperparameters(**vars(parser.parse_args(argv)))
     problems = check_args(args)
     if problems:
@@ -111,90 +123,70 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def check_args(a: Hyperparameters) -> list[str]:
+def check_args(args: Hyperparameters) -> list[str]:
     """Every flag is checked before any work starts, so a typo never costs a compile."""
     p = []
     for name in ("tokens_per_rank", "grad_accum", "max_len", "max_steps", "log_every", "keep_checkpoints",
                  "window_start"):
-        if getattr(a, name) <= 0:
-            p.append(f"--{name} must be positive, got {getattr(a, name)}")
+        if getattr(args, name) <= 0:
+            p.append(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("max_tokens", "val_every", "save_every", "num_workers", "muon_momentum_warmup_steps", "bench_steps"):
-        if getattr(a, name) < 0:
-            p.append(f"--{name} must be >= 0, got {getattr(a, name)}")
-    if a.tokens_per_rank % 128:
-        p.append(f"--tokens_per_rank must be a multiple of 128 (the attention block size), got {a.tokens_per_rank}")
-    if a.tokens_per_rank < a.max_len:
-        p.append(f"--tokens_per_rank ({a.tokens_per_rank}) must hold at least one document of --max_len ({a.max_len})")
-    if a.compile not in COMPILE_MODES:
-        p.append(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {a.compile!r}")
-    if not 0 <= a.activation_memory <= 1:
-        p.append(f"--activation_memory must be in [0, 1], got {a.activation_memory}")
-    if not 0 < a.mask_rate < 1:
-        p.append(f"--mask_rate must be in (0, 1), got {a.mask_rate}")
-    if a.mask_scheme not in SCHEMES:
-        p.append(f"--mask_scheme must be 'mask' or '80/10/10', got {a.mask_scheme!r}")
-    if a.preset not in PRESETS:
-        p.append(f"--preset must be one of {', '.join(PRESETS)}, got {a.preset!r}")
-    if not (0 <= a.warmup_frac <= 1 and 0 <= a.cooldown_frac <= 1 and a.warmup_frac + a.cooldown_frac <= 1):
+        if getattr(args, name) < 0:
+            p.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.tokens_per_rank % 128:
+        p.append(f"--tokens_per_rank must be a multiple of 128 (the attention block size), got {args.tokens_per_rank}")
+    if args.tokens_per_rank < args.max_len:
+        p.append(f"--tokens_per_rank ({args.tokens_per_rank}) must hold one document of --max_len ({args.max_len})")
+    for name in ("compile", "mask_scheme", "preset"):
+        choices = next(f.metadata["choices"] for f in dataclasses.fields(args) if f.name == name)
+        if getattr(args, name) not in choices:
+            p.append(f"--{name} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    if not 0 <= args.activation_memory <= 1:
+        p.append(f"--activation_memory must be in [0, 1], got {args.activation_memory}")
+    if not 0 < args.mask_rate < 1:
+        p.append(f"--mask_rate must be in (0, 1), got {args.mask_rate}")
+    if not (0 <= args.warmup_frac <= 1 and 0 <= args.cooldown_frac <= 1 and args.warmup_frac + args.cooldown_frac <= 1):
         p.append("--warmup_frac and --cooldown_frac must lie in [0, 1] and add up to at most 1")
-    if a.target_val_loss < 0:
-        p.append(f"--target_val_loss must be >= 0, got {a.target_val_loss}")
-    if a.eval_only and not a.resume:
+    if args.target_val_loss < 0:
+        p.append(f"--target_val_loss must be >= 0, got {args.target_val_loss}")
+    if args.stop_at_target and not args.target_val_loss:
+        p.append("--stop_at_target needs --target_val_loss")
+    if args.eval_only and not args.resume:
         p.append("--eval_only needs --resume PATH (the checkpoint to evaluate)")
-    if a.resume and not Path(a.resume).is_file():
-        p.append(f"--resume {a.resume}: no such checkpoint file")
-    data = Path(a.data)
-    for split in ("train", "valid", "test"):
-        if not sorted(data.glob(f"*_{split}_*.bin")):
-            p.append(f"--data {data}: no *_{split}_*.bin shards. Make them with e.g.\n"
-                     "    python data/prepare.py --train ../shared/data/sp2014_train.fasta.xz "
-                     "--valid ../shared/data/sp2014_valid.fasta --test ../shared/data/sp2014_test.fasta "
-                     f"--name sp2014 --out {data}\n  or download OMGprot50: python data/download_omgprot50.py --out {data}")
-            break
+    if args.resume and not Path(args.resume).is_file():
+        p.append(f"--resume {args.resume}: no such checkpoint file")
+    data = Path(args.data)
+    if not (data / "manifest.json").is_file():
+        builds = [f"    {t.build}" for t in TRACKS.values() if Path(t.data) == data] or [
+            "    python data/prepare.py --fasta FILE --out DIR --name NAME    (your own sequences)",
+            "    python data/tracks.py                                     (the tracks and their data)"]
+        p.append(f"--data {data}: no shard folder there (no manifest.json). Make it with\n" + "\n".join(builds))
     return p
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# schedules: functions of the step alone, so a resumed run continues them exactly
-
-def lr_multiplier(step: int, total: int, a: Hyperparameters) -> float:
-    warmup, cooldown = round(a.warmup_frac * total), round(a.cooldown_frac * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step < total - cooldown:
-        return 1.0
-    return (total - step) / max(cooldown, 1)
-
-
-def muon_momentum(step: int, a: Hyperparameters) -> float:
-    frac = min(step / a.muon_momentum_warmup_steps, 1.0) if a.muon_momentum_warmup_steps else 1.0
-    return (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
-
-
-def window_size(step: int, total: int, a: Hyperparameters) -> int:
-    """Sliding-window size in tokens, grown linearly to max_len in multiples of the 128-token attention block."""
-    size = a.window_start + (a.max_len - a.window_start) * step / max(total - 1, 1)
-    return min(128 * math.ceil(size / 128), a.max_len) if a.window_start < a.max_len else a.max_len
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # logging: a text log that holds everything needed to reproduce the run, and a JSONL twin for tools
 
 class RunLog:
-    def __init__(self, a: Hyperparameters, master: bool, run_id: str):
-        self.master = master
-        self.wandb = None
+    """RUN_ID.running.txt (+ .jsonl) while the run lasts, renamed RUN_ID.txt when it ends well or RUN_ID.failed.txt
+    when it fails, so no tool takes an unfinished log for a finished one."""
+
+    def __init__(self, args: Hyperparameters, master: bool, run_id: str):
+        self.master, self.wandb = master, None
         if not master:
             return
-        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
-        self.txt_path = Path(a.log_dir) / f"{run_id}.txt"
-        self.txt = open(self.txt_path, "w")
-        self.jsonl = open(Path(a.log_dir) / f"{run_id}.jsonl", "w")
-        if a.wandb_project:
+        self.folder, self.run_id = Path(args.log_dir), run_id
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.txt = open(self.path("running", ".txt"), "w")
+        self.jsonl = open(self.path("running", ".jsonl"), "w")
+        if args.wandb_project:
             import wandb  # only when asked for: training never needs it
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.wandb = wandb.init(project=a.wandb_project, name=run_id, config=dataclasses.asdict(a), mode=mode,
-                                    dir=a.log_dir)
+            self.wandb = wandb.init(project=args.wandb_project, name=run_id, config=dataclasses.asdict(args),
+                                    mode=mode, dir=args.log_dir)
+
+    def path(self, state: str, suffix: str) -> Path:
+        return self.folder / f"{self.run_id}{'.' + state if state else ''}{suffix}"
 
     def header(self, text: str, **record):
         """A line of the log's head, not printed; a record, if any, goes to the JSONL as well."""
@@ -209,20 +201,19 @@ class RunLog:
         if not self.master:
             return
         print(text, flush=True)
-        self.txt.write(text + "\n")
-        self.txt.flush()
-        if record:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-            if self.wandb is not None:
-                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        self.header(text, **record)
+        if record and self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
-    def close(self):
-        if self.master:
-            self.txt.close()
-            self.jsonl.close()
-            if self.wandb is not None:
-                self.wandb.finish()
+    def close(self, ok: bool):
+        if not self.master or self.txt.closed:
+            return
+        self.txt.close()
+        self.jsonl.close()
+        for suffix in (".txt", ".jsonl"):
+            os.replace(self.path("running", suffix), self.path("" if ok else "failed", suffix))
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def environment() -> str:
@@ -242,23 +233,12 @@ def environment() -> str:
     ])
 
 
-def data_sha256(data_dir: str) -> str:
-    """A fingerprint of the shards (names and sha256s listed in manifest.json), not of the paths they were made
-    from: the same data prepared anywhere gives the same value."""
-    path = Path(data_dir) / "manifest.json"
-    if not path.exists():
-        return "none (no manifest.json)"
-    splits = json.loads(path.read_text())["splits"]
-    shards = [(s["file"], s["sha256"]) for split in ("train", "valid", "test") for s in splits[split]["shards"]]
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints: written atomically (temporary name, then rename), the last few kept
+# checkpoints: written atomically (temporary name, then rename) into a folder of their run, the last few kept
 
 def save_checkpoint(path: Path, state: dict, keep: int):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(".tmp")  # the folder is this run's alone: no other run writes this name
     torch.save(state, tmp)
     os.replace(tmp, path)
     for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
@@ -272,13 +252,33 @@ def load_checkpoint(path) -> dict:
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways (zip, pickle, I/O) on a damaged file
         first_line = (str(e).strip().splitlines() or [""])[0][:150]
         raise ValueError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: {first_line}). A copy cut "
-                         "short? train.py keeps the last --keep_checkpoints of a run in its --checkpoint_dir: use an "
-                         "earlier one") from e
+                         "short? train.py keeps the last --keep_checkpoints of a run in CHECKPOINT_DIR/RUN_ID/: use "
+                         "an earlier one") from None
     if not (isinstance(ckpt, dict) and {"model", "data_sha256"} <= ckpt.keys()
             and isinstance(ckpt.get("hyperparameters"), dict) and "preset" in ckpt["hyperparameters"]):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no model weights, hyperparameters or "
                          "data fingerprint)")
     return ckpt
+
+
+def resume_problems(ckpt: dict, args: Hyperparameters, world: int, data_hash: str) -> list[str]:
+    """What stops a run from continuing `ckpt` exactly, each with the flag that fixes it."""
+    saved, p = ckpt["hyperparameters"], []
+    if saved["preset"] != args.preset:
+        p.append(f"it holds a {saved['preset']!r} model, not {args.preset!r}; pass --preset {saved['preset']}")
+    if args.eval_only:
+        return p
+    saved_world = len(ckpt.get("loader", [None]))
+    if saved_world != world:
+        p.append(f"it was written by {saved_world} rank(s), this run has {world}; run it with "
+                 f"torchrun --nproc_per_node={saved_world} (or the same number of ranks over several nodes)")
+    for name in ("tokens_per_rank", "grad_accum", "max_len", "seed"):
+        if saved[name] != getattr(args, name):
+            p.append(f"it was trained with --{name} {saved[name]}, not {getattr(args, name)}; pass --{name} {saved[name]}")
+    if ckpt["data_sha256"] != data_hash:
+        p.append(f"it was trained on other data (sha256 {ckpt['data_sha256']}) than --data {args.data} ({data_hash}); "
+                 "resume with the data it was trained on")
+    return p
 
 
 def rng_states() -> dict:
@@ -289,6 +289,29 @@ def set_rng_states(states: dict):
     torch.set_rng_state(states["cpu"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedules: functions of the step alone, so a resumed run continues them exactly
+
+def lr_multiplier(step: int, total: int, args: Hyperparameters) -> float:
+    warmup, cooldown = round(args.warmup_frac * total), round(args.cooldown_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < total - cooldown:
+        return 1.0
+    return (total - step) / max(cooldown, 1)
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
+
+
+def window_size(step: int, total: int, args: Hyperparameters) -> int:
+    """Sliding-window size in tokens, grown linearly to max_len in multiples of the 128-token attention block."""
+    size = args.window_start + (args.max_len - args.window_start) * step / max(total - 1, 1)
+    return min(128 * math.ceil(size / 128), args.max_len) if args.window_start < args.max_len else args.max_len
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,287 +341,6 @@ def metric_key(split: str, scheme: str) -> str:
     return split if scheme == "mask" else f"{split}_801010"
 
 
-def main(a: Hyperparameters):
-    # ---- processes and devices
-    distributed = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    master = rank == 0
-    run_id = [str(uuid.uuid4()) if master else None]
-    if distributed:
-        dist.broadcast_object_list(run_id)
-    # a checkpoint that does not fit is refused before anything is logged or built
-    data_hash = data_sha256(a.data)
-    ckpt = load_checkpoint(a.resume) if a.resume else None  # moved to the device where loaded
-    if ckpt and ckpt["hyperparameters"]["preset"] != a.preset:
-        raise ValueError(f"--resume {a.resume} holds a {ckpt['hyperparameters']['preset']!r} model, not {a.preset!r}; "
-                         f"pass --preset {ckpt['hyperparameters']['preset']}")
-    if ckpt and not a.eval_only and ckpt["data_sha256"] != data_hash:
-        raise ValueError(f"--resume {a.resume} was trained on other data (sha256 {ckpt['data_sha256']}) than "
-                         f"--data {a.data} ({data_hash}); resume with the data it was trained on")
-    log = RunLog(a, master, run_id[0])
-    global_batch = world * a.grad_accum * a.tokens_per_rank
-    total_steps = a.max_steps if not a.max_tokens else min(a.max_steps, math.ceil(a.max_tokens / global_batch))
-
-    log.header("=" * 100)
-    for name in SOURCE_FILES:
-        log.header(f"==> {name} <==\n{(REPO / name).read_text()}")
-    log.header("=" * 100)
-    log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
-    log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
-    log.header(environment())
-    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    log.header(f"date: {date}\ndata sha256: {data_hash}", kind="run", date=date, world_size=world,
-               hyperparameters=dataclasses.asdict(a), data_sha256=data_hash)
-
-    # ---- model, optimizer, data
-    torch.manual_seed(a.seed)
-    raw_model = Model(dataclasses.replace(PRESETS[a.preset], max_len=a.max_len)).to(device)
-    functorch_config.activation_memory_budget = a.activation_memory  # read when the backward is compiled
-    model = compiled(raw_model, a.compile if device.type == "cuda" else "none")
-    optimizer_args = dict(muon_lr=a.muon_lr, muon_momentum=a.muon_momentum, muon_weight_decay=a.muon_weight_decay,
-                          embed_lr=a.embed_lr, head_lr=a.head_lr, scalar_lr=a.scalar_lr,
-                          betas=(a.adam_beta1, a.adam_beta2))
-    optimizer = build_optimizer(raw_model, **optimizer_args)
-    shards = {s: sorted(Path(a.data).glob(f"*_{s}_*.bin")) for s in ("train", "valid", "test")}
-    eval_sets = {(split, scheme): [b.to(device) for b in eval_batches(shards[split], a.tokens_per_rank, scheme=scheme,
-                                                                      max_len=a.max_len)[rank::world]]
-                 for split in ("valid", "test") for scheme in SCHEMES}
-    full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
-    log.line(f"model: {a.preset} {raw_model.num_params():,} parameters | global batch {global_batch:,} tokens "
-             f"= {world} ranks x {a.grad_accum} micro-batches x {a.tokens_per_rank:,} | {total_steps} steps | "
-             f"device {device} | QK-norm + rotary: {'Triton op' if triton_qk_norm(device) else 'formula'}")
-
-    def run_evals(splits, schemes=SCHEMES):
-        results = {}
-        for split in splits:
-            for scheme in schemes:
-                r = evaluate(model, eval_sets[split, scheme], full_window)
-                key = metric_key(split, scheme)
-                results[f"{key}_loss"], results[f"{key}_accuracy"] = r["loss"], r["accuracy"]
-        return results
-
-    if a.eval_only:
-        raw_model.load_state_dict(ckpt["model"])
-        results = run_evals(["valid", "test"])
-        log.line(" ".join(f"{k}:{v:.4f}" for k, v in results.items()), **results)
-        log.close()
-        return results
-
-    loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=rank, world_size=world, seed=a.seed,
-                         max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
-                         num_workers=a.num_workers, pin_memory=device.type == "cuda")
-
-    # every window size the run uses, on the device up front: a per-step copy from pageable host memory would sync
-    windows = {w: torch.tensor(w, dtype=torch.int32, device=device)
-               for w in {window_size(s, total_steps, a) for s in range(total_steps + 1)}}
-
-    def train_step(step: int) -> torch.Tensor:
-        """One optimizer step; returns the mean micro-batch loss as a device tensor (no host sync)."""
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier(step, total_steps, a)
-            if "momentum" in group:
-                group["momentum"] = muon_momentum(step, a)
-        window = windows[window_size(step, total_steps, a)]
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(a.grad_accum):
-            b = next(loader).to(device)
-            loss = model(b.input_ids, b.doc_ids, b.mask_idx, b.targets, window)
-            (loss / a.grad_accum).backward()
-            loss_sum += loss.detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum / a.grad_accum
-
-    # ---- warm-up: compile every shape the run uses on throwaway steps, then restore the initial state
-    t = time.perf_counter()
-    initial = {"model": copy.deepcopy(raw_model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-               "loader": loader.state_dict(), "rng": rng_states()}
-    for step in range(2):
-        train_step(step)
-    evaluate(model, eval_sets["valid", "mask"][:1], full_window)  # every eval batch has this one's shapes
-    raw_model.load_state_dict(initial["model"])
-    optimizer.load_state_dict(initial["optimizer"])
-    loader.load_state_dict(initial["loader"])
-    set_rng_states(initial["rng"])
-    # the clock, and the training loss summed over all ranks since the last log line: kept in checkpoints
-    start_step, train_ms, pending_loss, loss_steps = 0, 0.0, 0.0, 0
-    if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"][rank])
-        set_rng_states(ckpt["rng"])
-        start_step, train_ms, loss_steps = ckpt["step"], ckpt["train_ms"], ckpt["loss_steps"]
-        pending_loss = ckpt["pending_loss"] if master else 0.0  # all-reduced at the next log line
-        log.line(f"resumed from {a.resume} at step {start_step} after {train_ms / 1000:.2f}s of training")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    compile_s = time.perf_counter() - t
-    log.line(f"compile and warm-up: {compile_s:.1f}s")
-    if a.bench_steps:
-        result = benchmark(a, train_step, raw_model, optimizer, loader, world, compile_s, log)
-        log.close()
-        loader.close()
-        return result
-
-    def checkpoint(step: int):
-        pending = all_reduce_sum(loss_acc.clone()).item()
-        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()])
-        if not (finite.all().item() and math.isfinite(pending)):  # a diverged state never replaces a good checkpoint
-            raise FloatingPointError(f"non-finite training loss or weights at step {step}; the last good "
-                                     f"checkpoint stays in {a.checkpoint_dir}. Try a lower learning rate.")
-        loader_states = [None] * world
-        if distributed:
-            dist.all_gather_object(loader_states, loader.state_dict())
-        else:
-            loader_states = [loader.state_dict()]
-        optimizer_state = optimizer.state_dict()  # a collective: every rank gathers the Muon momenta
-        if master:
-            save_checkpoint(Path(a.checkpoint_dir) / f"step_{step:06d}.pt",
-                            {"model": raw_model.state_dict(), "optimizer": optimizer_state,
-                             "loader": loader_states, "rng": rng_states(), "step": step, "train_ms": train_ms,
-                             "pending_loss": pending, "loss_steps": loss_steps, "data_sha256": data_hash,
-                             "hyperparameters": dataclasses.asdict(a), "run_id": run_id[0]},
-                            a.keep_checkpoints)
-
-    # ---- training: the clock runs only here
-    reached = None
-    loss_acc = torch.tensor(pending_loss, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    step = start_step
-    while True:
-        last = step == total_steps
-        evaluate_now = last or (a.val_every and step % a.val_every == 0 and step > start_step)
-        log_now = evaluate_now or (step > start_step and step % a.log_every == 0)
-        if log_now:
-            sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            record = {"step": step, "train_time_ms": train_ms, "tokens": step * global_batch}
-            text = f"step:{step}/{total_steps}"
-            if loss_steps:
-                train_loss = all_reduce_sum(loss_acc.clone()).item() / (world * loss_steps)
-                if not math.isfinite(train_loss):
-                    log.line(f"stopping: the training loss is {train_loss} at step {step}. The last checkpoint "
-                             f"in {a.checkpoint_dir} (if any) holds the last good state; try a lower learning rate.")
-                    raise FloatingPointError(f"non-finite training loss {train_loss} at step {step}")
-                record["train_loss"] = train_loss
-                text += f" train_loss:{train_loss:.4f}"
-                loss_acc.zero_()
-                loss_steps = 0
-            if evaluate_now:
-                results = run_evals(["valid"], ["mask"])  # the 80/10/10 loss only at the end: half the pause
-                record.update(val_loss=results["valid_loss"], val_accuracy=results["valid_accuracy"])
-                text += f" val_loss:{results['valid_loss']:.4f}"
-                if a.target_val_loss and results["valid_loss"] <= a.target_val_loss:
-                    reached = (step, train_ms)
-            tokens_per_sec = step * global_batch / (train_ms / 1000) if train_ms else 0.0
-            record.update(step_avg_ms=train_ms / max(step, 1), tokens_per_sec=tokens_per_sec)
-            text += (f" train_time:{train_ms:.0f}ms step_avg:{record['step_avg_ms']:.2f}ms"
-                     f" tokens_per_sec:{tokens_per_sec:.0f}")
-            log.line(text, **record)
-            sync()
-            t0 = time.perf_counter()
-        if last or reached:
-            break
-        loss_acc += train_step(step)
-        loss_steps += 1
-        step += 1
-        if a.save_every and step % a.save_every == 0:  # off the clock, like evaluation
-            sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            checkpoint(step)
-            t0 = time.perf_counter()
-
-    # ---- the end: final test evaluation, summary, final checkpoint
-    final = run_evals(["valid", "test"])
-    if device.type == "cuda":
-        log.line(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
-                 f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
-    log.line(" ".join(f"{k}:{v:.4f}" for k, v in final.items()), **final)
-    if a.target_val_loss:
-        outcome = (f"target val_loss {a.target_val_loss} reached at step {reached[0]} after {reached[1] / 1000:.2f}s "
-                   f"of training ({reached[0] * global_batch:,} tokens)" if reached else
-                   f"target val_loss {a.target_val_loss} NOT reached in {step} steps ({train_ms / 1000:.2f}s)")
-    else:
-        outcome = f"no target set; trained {step} steps in {train_ms / 1000:.2f}s"
-    log.line(outcome, target_reached=bool(reached), final_step=step, train_time_ms=train_ms)
-    checkpoint(step)
-    if master and a.hf_repo:
-        push_to_hub(Path(a.checkpoint_dir) / f"step_{step:06d}.pt", a.hf_repo, log)
-    log.close()
-    loader.close()
-    return final
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# --bench_steps: steady-state throughput, MFU and where the GPU time goes
-
-def benchmark(a: Hyperparameters, train_step, raw_model, optimizer, loader, world: int, compile_s: float,
-              log: RunLog) -> dict:
-    cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    keys = mean_keys_per_token([next(loader) for _ in range(8)], window_size(0, a.max_steps, a))
-    tokens = world * a.grad_accum * a.tokens_per_rank
-    for step in range(3):  # untimed: the loader's queues and the allocator settle
-        train_step(step)
-    sync()
-    t = time.perf_counter()
-    losses = [train_step(step) for step in range(a.bench_steps)]  # device tensors: no host sync while timed
-    sync()
-    step_s = (time.perf_counter() - t) / a.bench_steps
-    flops = raw_model.flops_per_token(keys) * tokens / step_s
-    r = {"preset": a.preset, "world_size": world, "tokens_per_rank": a.tokens_per_rank, "grad_accum": a.grad_accum,
-         "tokens_per_sec": tokens / step_s, "ms_per_step": 1000 * step_s, "mfu": flops / (PEAK_FLOPS * world),
-         "model_tflops_per_gpu": flops / world / 1e12, "mean_keys_per_token": keys, "compile_s": compile_s,
-         "train_losses": (all_reduce_sum(torch.stack(losses)) / world).tolist()}  # the mean over ranks, as logged
-    text = (f"bench: {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_step']:.1f} ms/step | MFU {100 * r['mfu']:.1f}% "
-            f"({r['model_tflops_per_gpu']:.0f} TFLOP/s per GPU, {keys:.0f} keys per token) | compile {compile_s:.0f}s"
-            f" | train loss {r['train_losses'][0]:.3f} -> {r['train_losses'][-1]:.3f} over the timed steps")
-    if cuda:
-        r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        spans = []  # CUDA events around each optimizer step: its span on the GPU timeline
-
-        untimed_step = optimizer.step
-
-        def timed_optimizer_step():
-            spans.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
-            spans[-1][0].record()
-            untimed_step()
-            spans[-1][1].record()
-
-        optimizer.step = timed_optimizer_step  # for the profiled steps only
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for step in range(3):
-                train_step(step)
-            sync()
-        del optimizer.step
-        (r["gpu_ms_per_step"], r["top_kernels"], r["exposed_communication_ms"],
-         r["profiled_ms_per_step"]) = gpu_time_breakdown(prof, steps=3)
-        r["optimizer_ms_per_step"] = sum(start.elapsed_time(end) for start, end in spans) / len(spans)
-        gpu_total = r["profiled_ms_per_step"] or float("nan")  # nan: the profiler saw no kernel
-        text += (f" | peak memory {r['peak_memory_gib']:.1f} GiB\nGPU time per step (profiled, {gpu_total:.1f} ms "
-                 "from the first kernel to the last):\n") + "\n".join(
-            f"  {k:14s}{v:9.1f} ms {100 * v / gpu_total:5.1f}%" for k, v in r["gpu_ms_per_step"].items())
-        text += (f"\n  of which the optimizer step spans {r['optimizer_ms_per_step']:.1f} ms "
-                 f"({100 * r['optimizer_ms_per_step'] / gpu_total:.1f}%; its kernels are counted above by kind)")
-        text += (f"\n  communication no other kernel hid (waits for slower ranks included): "
-                 f"{r['exposed_communication_ms']:.1f} ms ({100 * r['exposed_communication_ms'] / gpu_total:.1f}%)")
-        text += "\ntop kernels (ms per step):\n" + "\n".join(f"  {ms:8.1f}  {cat:13s} {name}"
-                                                          for name, cat, ms in r["top_kernels"])
-    log.line(text, **r)
-    return r
-
-
 def compiled(model: Model, mode: str) -> Model:
     """The model to call: compiled whole, or with each block compiled. Blocks share their compiled code (the
     parameters are graph inputs), so the compile time of "blocks" does not grow with depth; the graphs stop at block
@@ -613,65 +355,326 @@ def compiled(model: Model, mode: str) -> Model:
     return model
 
 
-def mean_keys_per_token(batches: list, window: int) -> float:
-    """sum(L * min(L, window)) / sum(L) over the batches' documents (the <pad> tail left out): the keys a token
-    attends to on average, the attention term of Model.flops_per_token."""
-    lengths = torch.cat([torch.bincount(b.doc_ids[b.input_ids != PAD].long()) for b in batches]).double()
-    lengths = lengths[lengths > 0]
-    return float((lengths * lengths.clamp(max=window)).sum() / lengths.sum())
+def cpu_attention_bytes(args: Hyperparameters) -> int:
+    """What the CPU's attention holds at once: every head's T x T float32 scores (it has no fused kernel)."""
+    return PRESETS[args.preset].n_head * args.tokens_per_rank ** 2 * 4
 
 
-def kernel_category(name: str) -> str:
-    n = name.lower()
-    if "nccl" in n:
-        return "communication"
-    if "flex" in n or "triton_tem" in n:  # FlexAttention's kernels are inductor templates
-        return "attention"
-    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "gemv")):
-        return "matmul"
-    if "memcpy" in n or "memset" in n:
-        return "copy"
-    return "element-wise"
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f}min" if seconds >= 600 else f"{seconds:.0f}s"
 
 
-def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list, float, float]:
-    """kernel_time_breakdown of the CUDA kernels a torch.profiler run recorded."""
-    return kernel_time_breakdown([(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                                  # user annotations also show on the GPU timeline, as spans
-                                  if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation],
-                                 steps)
+# ----------------------------------------------------------------------------------------------------------------
+# one run: Trainer(args) sets it up; main() then calls warm_up(), train() and finish() in turn
 
+class Trainer:
+    def __init__(self, args: Hyperparameters):
+        problems = check_args(args)
+        if problems:
+            raise RunError("\n  ".join(problems))
+        self.args = a = args
+        # processes and devices
+        self.distributed = "RANK" in os.environ
+        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.distributed else (0, 1)
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        cuda = self.device.type == "cuda"
+        if self.distributed:
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+        self.master = self.rank == 0
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if not cuda and cpu_attention_bytes(a) > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
+            raise RunError(f"--tokens_per_rank {a.tokens_per_rank} needs about {cpu_attention_bytes(a) / 2**30:.0f} GiB "
+                           f"on the CPU, which holds the {a.tokens_per_rank} x {a.tokens_per_rank} attention scores of "
+                           f"each of {a.preset}'s heads at once; pass --tokens_per_rank 4096, or train on a GPU")
 
-def kernel_time_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> tuple[dict, list, float, float]:
-    """From (name, start µs, end µs) of every kernel over `steps` steps, per step in ms: the time by kind of kernel
-    (idle: the gaps between the first and the last kernel that no kernel covers), the costliest kernels, the exposed
-    communication (communication kernels running while no other kernel does) and the wall time from the first kernel
-    to the last. Kernels on several streams overlap, so the kinds can add up to more than the wall time."""
-    if not kernels:
-        return {}, [], 0.0, 0.0
-    ms = dict.fromkeys(["matmul", "attention", "element-wise", "communication", "copy", "idle"], 0.0)
-    by_name, compute = {}, []
-    for name, start, end in kernels:
-        category = kernel_category(name)
-        ms[category] += (end - start) / 1000 / steps
-        by_name[name, category] = by_name.get((name, category), 0.0) + (end - start) / 1000 / steps
-        if category != "communication":
-            compute.append((start, end))
-    busy = union_length([(start, end) for _, start, end in kernels])
-    wall = max(end for *_, end in kernels) - min(start for _, start, _ in kernels)
-    ms["idle"] = (wall - busy) / 1000 / steps
-    exposed = (busy - union_length(compute)) / 1000 / steps
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
-    return ms, [(name[:100], category, t) for (name, category), t in top], exposed, wall / 1000 / steps
+        # everything that can be refused is checked before anything is logged or built
+        self.run_id = self.broadcast(str(uuid.uuid4()))
+        self.data_hash = self.broadcast(self.data_check())
+        if isinstance(self.data_hash, Exception):
+            raise RunError(str(self.data_hash))
+        self.ckpt = None
+        if a.resume:
+            try:
+                self.ckpt = load_checkpoint(a.resume)
+            except ValueError as e:
+                raise RunError(str(e)) from None
+            problems = resume_problems(self.ckpt, a, self.world, self.data_hash)
+            if problems:
+                raise RunError(f"--resume {a.resume} cannot continue here: " + "; ".join(problems))
+        self.global_batch = self.world * a.grad_accum * a.tokens_per_rank
+        self.total_steps = a.max_steps if not a.max_tokens else min(a.max_steps, math.ceil(a.max_tokens / self.global_batch))
+        self.checkpoint_dir = Path(a.checkpoint_dir) / self.run_id
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.num_workers = min(a.num_workers, max(len(os.sched_getaffinity(0)) // local_world - 1, 0))
+        self.log = self.loader = None
 
+    def start(self):
+        """Open the log, write its head, build what the run needs."""
+        self.log = RunLog(self.args, self.master, self.run_id)
+        self.write_header()
+        self.build()
 
-def union_length(spans: list[tuple[float, float]]) -> float:
-    """The length of the union of [start, end) spans."""
-    total, covered_until = 0.0, -math.inf
-    for start, end in sorted(spans):
-        total += max(0.0, end - max(start, covered_until))
-        covered_until = max(covered_until, end)
-    return total
+    def broadcast(self, value):
+        """Rank 0's value, on every rank."""
+        if not self.distributed:
+            return value
+        box = [value if self.master else None]
+        dist.broadcast_object_list(box)
+        return box[0]
+
+    def data_check(self):
+        """The data fingerprint once rank 0 has checked every shard against the manifest, or the error."""
+        if not self.master:
+            return None
+        try:
+            return verified_fingerprint(self.args.data)
+        except ValueError as e:
+            return e
+
+    def write_header(self):
+        a, log = self.args, self.log
+        log.header("=" * 100)
+        for name in SOURCE_FILES:
+            log.header(f"==> {name} <==\n{(REPO / name).read_text()}")
+        log.header("=" * 100)
+        log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {self.world})")
+        log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
+        log.header(environment())
+        devices = [None] * self.world
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        if self.distributed:
+            dist.all_gather_object(devices, name)
+        else:
+            devices = [name]
+        track = track_of(self.data_hash, dataclasses.asdict(a))
+        problems = track and track_problems(track, self.data_hash, dataclasses.asdict(a), self.world, devices)
+        track_line = ("none (no track has these data and target)" if track is None else
+                      track.name if not problems else f"none (not {track.name}: {'; '.join(problems)})")
+        date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        log.header(f"date: {date}\ndata sha256: {self.data_hash}\ndevices: {', '.join(devices)}\ntrack: {track_line}",
+                   kind="run", run_id=self.run_id, date=date, world_size=self.world, devices=devices,
+                   hyperparameters=dataclasses.asdict(a), data_sha256=self.data_hash)
+
+    def build(self):
+        """The model, optimizer, frozen evaluation sets and training loader."""
+        a, device = self.args, self.device
+        torch.manual_seed(a.seed)
+        self.raw_model = Model(dataclasses.replace(PRESETS[a.preset], max_len=a.max_len)).to(device)
+        functorch_config.activation_memory_budget = a.activation_memory  # read when the backward is compiled
+        self.model = compiled(self.raw_model, a.compile if device.type == "cuda" else "none")
+        self.optimizer = build_optimizer(self.raw_model, muon_lr=a.muon_lr, muon_momentum=a.muon_momentum,
+                                         muon_weight_decay=a.muon_weight_decay, embed_lr=a.embed_lr,
+                                         head_lr=a.head_lr, scalar_lr=a.scalar_lr, betas=(a.adam_beta1, a.adam_beta2))
+        shards = {s: sorted(Path(a.data).glob(f"*_{s}_*.bin")) for s in ("train", "valid", "test")}
+        self.eval_sets = {(split, scheme): [b.to(device) for b in eval_batches(
+            shards[split], a.tokens_per_rank, scheme=scheme, max_len=a.max_len)[self.rank::self.world]]
+            for split in ("valid", "test") for scheme in SCHEMES}
+        self.full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
+        self.loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=self.rank, world_size=self.world,
+                                  seed=a.seed, max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
+                                  num_workers=self.num_workers, pin_memory=device.type == "cuda")
+        # every window size the run uses, on the device up front: a per-step copy from pageable host memory would sync
+        self.windows = {w: torch.tensor(w, dtype=torch.int32, device=device)
+                        for w in {self.window_size(s) for s in range(self.total_steps + 1)}}
+        workers = "" if self.num_workers == a.num_workers else f" (--num_workers {a.num_workers} lowered to the cores)"
+        self.log.line(f"model: {a.preset} {self.raw_model.num_params():,} parameters | global batch "
+                      f"{self.global_batch:,} tokens = {self.world} ranks x {a.grad_accum} micro-batches x "
+                      f"{a.tokens_per_rank:,} | {self.total_steps} steps | device {device} | {self.num_workers} "
+                      f"loader workers per rank{workers} | QK-norm + rotary: "
+                      f"{'Triton op' if triton_qk_norm(device) else 'formula'}")
+        if self.master:
+            self.log.line(f"log: {self.log.path('running', '.txt')} (renamed {self.run_id}.txt when the run ends) | "
+                          f"checkpoints: {self.checkpoint_dir}/")
+
+    def window_size(self, step: int) -> int:
+        return window_size(step, self.total_steps, self.args)
+
+    def run_evals(self, splits, schemes=SCHEMES) -> dict:
+        results = {}
+        for split in splits:
+            for scheme in schemes:
+                r = evaluate(self.model, self.eval_sets[split, scheme], self.full_window)
+                key = metric_key(split, scheme)
+                results[f"{key}_loss"], results[f"{key}_accuracy"] = r["loss"], r["accuracy"]
+        return results
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step. The loss is summed over the masked tokens of every micro-batch and rank and divided
+        by their count, so each token weighs the same however they fall into buffers. Returns this rank's share of
+        the step's loss as a device tensor (no host sync): summed over ranks, it is the step's loss."""
+        a = self.args
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier(step, self.total_steps, a)
+            if "momentum" in group:
+                group["momentum"] = muon_momentum(step, a)
+        window = self.windows[self.window_size(step)]
+        batches = [next(self.loader).to(self.device) for _ in range(a.grad_accum)]
+        count = all_reduce_sum(sum((b.targets != -100).sum() for b in batches).float()).clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for b in batches:
+            loss = self.model(b.input_ids, b.doc_ids, b.mask_idx, b.targets, window)
+            (loss * (self.world / count)).backward()  # the optimizer averages gradients over ranks
+            loss_sum += loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / count
+
+    def warm_up(self) -> float:
+        """Compile every shape the run uses on throwaway steps, restore the initial state, then load the checkpoint
+        to resume, if any. Returns the seconds it took."""
+        a, ckpt = self.args, self.ckpt
+        self.log.line("compiling and warming up (a minute or two the first time on a GPU; compiled code is cached)")
+        t = time.perf_counter()
+        initial = {"model": copy.deepcopy(self.raw_model.state_dict()),
+                   "optimizer": copy.deepcopy(self.optimizer.state_dict()), "loader": self.loader.state_dict(),
+                   "rng": rng_states()}
+        for step in range(2):
+            self.train_step(step)
+        evaluate(self.model, self.eval_sets["valid", "mask"][:1], self.full_window)  # every eval batch has its shapes
+        self.raw_model.load_state_dict(initial["model"])
+        self.optimizer.load_state_dict(initial["optimizer"])
+        self.loader.load_state_dict(initial["loader"])
+        set_rng_states(initial["rng"])
+        # where the loop starts: the step, the clock, the first step at the target, and the training loss summed
+        # over all ranks since the last log line (all kept in checkpoints)
+        self.start_step, self.train_ms, self.target_reached, pending_loss, self.loss_steps = 0, 0.0, None, 0.0, 0
+        if ckpt:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.loader.load_state_dict(ckpt["loader"][self.rank])
+            set_rng_states(ckpt["rng"])
+            self.start_step, self.train_ms, self.loss_steps = ckpt["step"], ckpt["train_ms"], ckpt["loss_steps"]
+            self.target_reached = ckpt["target_reached"]
+            pending_loss = ckpt["pending_loss"] if self.master else 0.0  # all-reduced at the next log line
+            self.log.line(f"resumed from {a.resume} at step {self.start_step} after {self.train_ms / 1000:.2f}s of "
+                          "training")
+        self.loss_acc = torch.tensor(pending_loss, device=self.device)
+        self.saved_step = self.start_step
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        compile_s = time.perf_counter() - t
+        self.log.line(f"compile and warm-up: {compile_s:.1f}s")
+        return compile_s
+
+    def train(self) -> int:
+        """The training loop, the only place the clock runs. Step s's log line, evaluation and checkpoint all come
+        after its s optimizer steps and in that order, so a run resumed from step s's checkpoint starts with step
+        s + 1's work and its log continues the interrupted one line for line. Returns the last step."""
+        a, step = self.args, self.start_step
+        self.sync()
+        t0 = time.perf_counter()
+        while True:
+            last = step == self.total_steps
+            if step > self.start_step:
+                evaluate_now = last or (a.val_every and step % a.val_every == 0)
+                log_now = evaluate_now or step % a.log_every == 0
+                save_now = a.save_every and step % a.save_every == 0 and not last
+                if log_now or save_now:
+                    self.sync()
+                    self.train_ms += 1000 * (time.perf_counter() - t0)
+                    if log_now:
+                        self.log_step(step, evaluate_now)
+                    if save_now:  # off the clock, like evaluation
+                        self.save(step)
+                    self.sync()
+                    t0 = time.perf_counter()
+            if last or (a.stop_at_target and self.target_reached):
+                return step
+            self.loss_acc += self.train_step(step)
+            self.loss_steps += 1
+            step += 1
+
+    def log_step(self, step: int, evaluate_now: bool):
+        a = self.args
+        record = {"step": step, "train_time_ms": self.train_ms, "tokens": step * self.global_batch}
+        text = f"step:{step}/{self.total_steps}"
+        if self.loss_steps:
+            train_loss = all_reduce_sum(self.loss_acc.clone()).item() / self.loss_steps
+            if not math.isfinite(train_loss):
+                raise RunError(f"the training loss is {train_loss} at step {step} (non-finite training loss). The "
+                               f"last checkpoint in {self.checkpoint_dir} (if any) holds the last good state; try a "
+                               "lower learning rate.")
+            record["train_loss"] = train_loss
+            text += f" train_loss:{train_loss:.4f}"
+            self.loss_acc.zero_()
+            self.loss_steps = 0
+        if evaluate_now:
+            results = self.run_evals(["valid"], ["mask"])  # the 80/10/10 loss only at the end: half the pause
+            record.update(val_loss=results["valid_loss"], val_accuracy=results["valid_accuracy"])
+            text += f" val_loss:{results['valid_loss']:.4f}"
+            if a.target_val_loss and results["valid_loss"] <= a.target_val_loss and not self.target_reached:
+                self.target_reached = (step, self.train_ms)
+        tokens_per_sec = step * self.global_batch / (self.train_ms / 1000) if self.train_ms else 0.0
+        record.update(step_avg_ms=self.train_ms / step, tokens_per_sec=tokens_per_sec)
+        left = (self.total_steps - step) * self.train_ms / step / 1000
+        text += (f" train_time:{self.train_ms:.0f}ms step_avg:{record['step_avg_ms']:.2f}ms"
+                 f" tokens_per_sec:{tokens_per_sec:.0f} left:{duration(left)}")
+        self.log.line(text, **record)
+
+    def save(self, step: int):
+        pending = all_reduce_sum(self.loss_acc.clone()).item()
+        finite = torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()])
+        if not (finite.all().item() and math.isfinite(pending)):  # a diverged state never replaces a good checkpoint
+            raise RunError(f"non-finite training loss or weights at step {step}; the last good checkpoint stays in "
+                           f"{self.checkpoint_dir}. Try a lower learning rate.")
+        loader_states = [None] * self.world
+        if self.distributed:
+            dist.all_gather_object(loader_states, self.loader.state_dict())
+        else:
+            loader_states = [self.loader.state_dict()]
+        optimizer_state = self.optimizer.state_dict()  # a collective: every rank gathers the Muon momenta
+        if self.master:
+            save_checkpoint(self.checkpoint_dir / f"step_{step:06d}.pt",
+                            {"model": self.raw_model.state_dict(), "optimizer": optimizer_state,
+                             "loader": loader_states, "rng": rng_states(), "step": step, "train_ms": self.train_ms,
+                             "pending_loss": pending, "loss_steps": self.loss_steps,
+                             "target_reached": self.target_reached, "data_sha256": self.data_hash,
+                             "hyperparameters": dataclasses.asdict(self.args), "run_id": self.run_id},
+                            self.args.keep_checkpoints)
+        self.saved_step = step
+
+    def finish(self, step: int) -> dict:
+        """The final evaluations (validation and test, both masking schemes), the outcome, the final checkpoint."""
+        a, log = self.args, self.log
+        final = self.run_evals(["valid", "test"])
+        if self.device.type == "cuda":
+            log.line(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                     f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+        log.line(" ".join(f"{k}:{v:.4f}" for k, v in final.items()), **final)
+        reached = self.target_reached
+        trained = f"trained {step} steps in {self.train_ms / 1000:.2f}s"
+        if not a.target_val_loss:
+            outcome = f"no target set; {trained}"
+        elif reached:
+            outcome = (f"target val_loss {a.target_val_loss} first reached at step {reached[0]} after "
+                       f"{reached[1] / 1000:.2f}s of training ({reached[0] * self.global_batch:,} tokens); {trained}")
+        else:
+            outcome = f"target val_loss {a.target_val_loss} NOT reached; {trained}"
+        log.line(outcome, target_reached=bool(reached), target_step=reached and reached[0],
+                 target_time_ms=reached and reached[1], final_step=step, max_steps=self.total_steps,
+                 train_time_ms=self.train_ms)
+        if self.saved_step != step:
+            self.save(step)
+        if self.master and a.hf_repo:
+            push_to_hub(self.checkpoint_dir / f"step_{step:06d}.pt", a.hf_repo, log)
+        return final
+
+    def evaluate_checkpoint(self) -> dict:
+        self.raw_model.load_state_dict(self.ckpt["model"])
+        results = self.run_evals(["valid", "test"])
+        self.log.line(" ".join(f"{k}:{v:.4f}" for k, v in results.items()), **results)
+        return results
+
+    def close(self, ok: bool):
+        if self.log:
+            self.log.close(ok)
+        if self.loader:
+            self.loader.close()
 
 
 def push_to_hub(path: Path, repo: str, log: RunLog):
@@ -686,13 +689,35 @@ def push_to_hub(path: Path, repo: str, log: RunLog):
         log.line(f"WARNING: could not push {path} to {repo}: {type(e).__name__}: {e}. The checkpoint stays on disk.")
 
 
+def main(args: Hyperparameters) -> dict:
+    trainer = Trainer(args)
+    ok = False
+    try:
+        trainer.start()
+        if args.eval_only:
+            result = trainer.evaluate_checkpoint()
+        else:
+            compile_s = trainer.warm_up()
+            if args.bench_steps:
+                from tools.bench import benchmark  # not embedded in the logs: it never trains
+                result = benchmark(trainer, compile_s)
+            else:
+                result = trainer.finish(trainer.train())
+        ok = True
+        return result
+    finally:
+        trainer.close(ok)
+
+
 if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
+    except RunError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # at once: torchrun then stops the other ranks instead of leaving them waiting in a collective
     except BaseException:
-        # End this process at once: torchrun then stops the other ranks instead of leaving them waiting
-        # in a collective for this one.
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)

@@ -1,4 +1,5 @@
 """tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots."""
+import dataclasses
 import json
 import struct
 import shutil
@@ -10,17 +11,25 @@ import pytest
 
 import train
 from test_train import REPO, tiny
+from data.tracks import Track
 from tools.records import BOARD_END, BOARD_START, RecordError, check, leaderboard, plot, reproduce, t_sf
 
 
 @pytest.fixture(scope="module")
 def attempt(small_shards, tmp_path_factory) -> list[Path]:
-    """Three runs of one attempt (seeds 0, 1, 2) that reach a loose target at their first evaluation."""
+    """Three runs of one attempt (seeds 0, 1, 2) of 4 steps each, below a loose target from their first evaluation."""
     logs = tmp_path_factory.mktemp("logs_to_keep")
     for seed in range(3):
         train.main(tiny(small_shards, tmp_path_factory.mktemp(f"run{seed}"), seed=seed, max_steps=4, val_every=2,
                         target_val_loss=4.0, log_dir=str(logs)))
     return sorted(logs.glob("*.txt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tracks(attempt) -> dict:
+    """A track for the tiny runs: their data, target, --max_len, cadence and (CPU) hardware."""
+    fingerprint = json.loads(attempt[0].with_suffix(".jsonl").read_text().splitlines()[0])["data_sha256"]
+    return {"tiny": Track("tiny", "", "", fingerprint, 4.0, 512, 2, 1, ("cpu",), 2048, "", "tiny test track")}
 
 
 def copy_logs(paths, folder: Path) -> list[Path]:
@@ -42,44 +51,94 @@ def test_student_t_tail_matches_the_tables():
     assert t_sf(-2.015, 5) == pytest.approx(0.95, abs=2e-4)
 
 
-def test_check_accepts_an_attempt(attempt):
-    result = check(attempt)
+def test_check_accepts_an_attempt(attempt, tiny_tracks):
+    result = check(attempt, tiny_tracks)
     assert result["runs"] == 3 and result["p_value"] < 0.01 and result["val_loss_mean"] < 4.0
+    assert result["track"] == "tiny" and len(result["table"].splitlines()) == 2 + 3
+    with pytest.raises(RecordError, match="no track of data/tracks.py has these runs' data"):
+        check(attempt)  # the real tracks: these are no sp2014 runs
 
 
-def test_check_rejects_other_code_other_data_missed_targets_and_weak_evidence(attempt, tmp_path):
+def run_edit(key, change):
+    """An edit of a log's run record: hyperparameter `key` (or a record field, with 'record:')."""
+    if key.startswith("record:"):
+        return lambda r: {**r, key[7:]: change(r[key[7:]])} if r.get("kind") == "run" else r
+    return lambda r: ({**r, "hyperparameters": {**r["hyperparameters"], key: change(r["hyperparameters"][key])}}
+                      if r.get("kind") == "run" else r)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda logs: logs[:2] + logs[:1], "the same run as .* \\(same run id\\)"),
+    ("copy", "\\(same content\\)"),
+    ("copy edited", "\\(same losses\\)"),
+    ({1: ("seed", lambda s: 0)}, "got seeds \\[0, 0, 2\\] \\(twice: \\[0\\]\\) \\(missing: \\[1\\]\\)"),
+    ({2: ("seed", lambda s: 3)}, "seeds 0..2, each once, .* \\(missing: \\[2\\]\\)"),
+    ({1: ("muon_lr", lambda v: 0.1)}, "hyperparameters differ .* --muon_lr \\(0.1 vs"),
+    ({1: ("record:world_size", lambda v: 2)}, "ran on 2 rank"),
+    ({1: ("record:devices", lambda v: ["NVIDIA H100 80GB HBM3"])}, "ran on 1 rank\\(s\\) of \\['NVIDIA H100"),
+    ("stopped", "stopped at step 2 of --max_steps 4; a record run trains every step"),
+    ({0: ("val_every", lambda v: 1), 1: ("val_every", lambda v: 1), 2: ("val_every", lambda v: 1)},
+     "do not meet track tiny's constants: --val_every is 1, the track's is 2"),
+    ("running", "an unfinished log"),
+    ("cut", "the run did not finish"),
+])
+def test_check_refuses_what_is_not_an_attempt(attempt, tiny_tracks, tmp_path, edit, message):
+    logs = sorted(copy_logs(attempt, tmp_path / "logs"),  # by seed
+                  key=lambda p: json.loads(p.with_suffix(".jsonl").read_text().split("\n")[0])["hyperparameters"]["seed"])
+    if callable(edit):
+        logs = edit(logs)
+    elif isinstance(edit, dict):
+        for i, (key, change) in edit.items():
+            edit_jsonl(logs[i], run_edit(key, change))
+    elif edit.startswith("copy"):
+        copy = tmp_path / "logs" / "copy.txt"
+        shutil.copy(logs[0], copy)
+        shutil.copy(logs[0].with_suffix(".jsonl"), copy.with_suffix(".jsonl"))
+        edit_jsonl(copy, run_edit("record:run_id", lambda v: "another id"))
+        if edit == "copy edited":
+            copy.write_text(copy.read_text() + "\n")
+        logs = [logs[0], copy, logs[1], logs[2]]
+    elif edit == "stopped":
+        edit_jsonl(logs[1], lambda r: {**r, "final_step": 2} if "final_step" in r else r)
+    elif edit == "running":
+        for suffix in (".txt", ".jsonl"):
+            logs[1].with_suffix(suffix).rename(logs[1].with_suffix(".running" + suffix))
+        logs[1] = logs[1].with_suffix(".running.txt")
+    elif edit == "cut":
+        jsonl = logs[1].with_suffix(".jsonl")
+        jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(RecordError, match=message):
+        check(logs, tiny_tracks)
+
+
+def test_check_rejects_other_code_other_data_and_weak_evidence(attempt, tiny_tracks, tmp_path):
     with pytest.raises(RecordError, match="at least 3 runs"):
-        check(attempt[:2])
+        check(attempt[:2], tiny_tracks)
 
     changed = copy_logs(attempt, tmp_path / "code")
     text = changed[1].read_text()
     changed[1].write_text(text.replace("logit_softcap: float = 15.0", "logit_softcap: float = 16.0", 1))
     with pytest.raises(RecordError, match="model.py differs"):
-        check(changed)
+        check(changed, tiny_tracks)
     cli = subprocess.run([sys.executable, "-m", "tools.records", "check", *map(str, changed)], cwd=REPO,
                          capture_output=True, text=True)
     assert cli.returncode == 1 and "records: " in cli.stderr and "model.py differs" in cli.stderr
 
     other_data = copy_logs(attempt, tmp_path / "data")
-    edit_jsonl(other_data[2], lambda r: {**r, "data_sha256": "0" * 64} if r.get("kind") == "run" else r)
+    edit_jsonl(other_data[2], run_edit("record:data_sha256", lambda v: "0" * 64))
     with pytest.raises(RecordError, match="other data"):
-        check(other_data)
+        check(other_data, tiny_tracks)
 
-    missed = copy_logs(attempt, tmp_path / "missed")
-    edit_jsonl(missed[0], lambda r: {**r, "target_reached": False} if "target_reached" in r else r)
-    with pytest.raises(RecordError, match="did not reach"):
-        check(missed)
-
-    # a target just above the losses: the runs reached it, but three of them do not show the mean is below it
+    # a target just above the losses: three runs do not show the mean is below it
     losses = [json.loads(line)["valid_loss"] for p in attempt for line in p.with_suffix(".jsonl").read_text().split("\n")
               if "test_loss" in line]
-    weak = copy_logs(attempt, tmp_path / "weak")
     target = max(losses) + 1e-4
+    weak = copy_logs(attempt, tmp_path / "weak")
     for p in weak:
-        edit_jsonl(p, lambda r: {**r, "hyperparameters": {**r["hyperparameters"], "target_val_loss": target}}
-                   if r.get("kind") == "run" else r)
+        edit_jsonl(p, run_edit("target_val_loss", lambda v: target))
+    weak_tracks = {"tiny": dataclasses.replace(tiny_tracks["tiny"], target=target)}
     with pytest.raises(RecordError, match="p < 0.01"):
-        check(weak)
+        check(weak, weak_tracks)
 
 
 def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_path):
@@ -97,36 +156,39 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     assert len(losses(first)) == 4 and losses(again) == losses(first)
 
 
-def test_leaderboard_is_made_from_the_logs(attempt, tmp_path):
+def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
     logs = tmp_path / "logs_to_keep"
     logs.mkdir()
     copy_logs(attempt, logs / "2026-01-01_tiny")
     readme = tmp_path / "README.md"
     readme.write_text(f"# Records\n\n{BOARD_START}\nold table\n{BOARD_END}\n\nmore text\n")
-    table = leaderboard(logs, readme)
+    with pytest.raises(RecordError, match="2026-01-01_tiny passes check but has no write-up"):
+        leaderboard(logs, readme, tiny_tracks)
+    (logs / "2026-01-01_tiny" / "README.md").write_text("# tiny\n")
+    table = leaderboard(logs, readme, tiny_tracks)
     rows = table.splitlines()[2:]
     assert len(rows) == 1 and "old table" not in readme.read_text() and readme.read_text().endswith("more text\n")
-    assert "| 3 (p = " in rows[0] and "| tiny | 1x none |" in rows[0]  # no GPU in these logs
-    assert "[2026-01-01_tiny](logs_to_keep/2026-01-01_tiny)" in rows[0]
-    assert leaderboard(logs, readme) == table  # regenerating changes nothing
+    assert rows[0].startswith("| tiny |") and "| 3 (p = " in rows[0] and "| tiny | 1x cpu |" in rows[0]
+    assert "[2026-01-01_tiny](logs_to_keep/2026-01-01_tiny/README.md)" in rows[0]
+    assert leaderboard(logs, readme, tiny_tracks) == table  # regenerating changes nothing
 
     no_target = copy_logs(attempt[:2], logs / "sweep")  # runs without a target are no attempt: left out,
     for log in no_target:  # even one that never finished (a long run's part before a --resume)
-        edit_jsonl(log, lambda r: {**r, "hyperparameters": {**r["hyperparameters"], "target_val_loss": 0.0}}
-                   if r.get("kind") == "run" else r)
+        edit_jsonl(log, run_edit("target_val_loss", lambda v: 0.0))
     jsonl = min(no_target).with_suffix(".jsonl")  # the folder's first log
     jsonl.write_text(jsonl.read_text().splitlines(keepends=True)[0])
-    assert leaderboard(logs, readme) == table
+    assert leaderboard(logs, readme, tiny_tracks) == table
 
     killed = copy_logs(attempt[:1], logs / "killed")  # a run killed before its run record was written
     killed[0].with_suffix(".jsonl").write_text("")
     with pytest.raises(RecordError, match="no run record"):
-        leaderboard(logs, readme)
+        leaderboard(logs, readme, tiny_tracks)
     shutil.rmtree(logs / "killed")
 
-    copy_logs(attempt[:2], logs / "too_few")  # a folder that is not a record stops the table, saying why
-    with pytest.raises(RecordError, match="too_few is not a record: an attempt needs at least 3 runs"):
-        leaderboard(logs, readme)
+    copy_logs(attempt[:2], logs / "too_few")  # an attempt that fails today's rules is listed apart, with why
+    table = leaderboard(logs, readme, tiny_tracks)
+    assert table.splitlines()[2] == rows[0]
+    assert "- [too_few](logs_to_keep/too_few): an attempt needs at least 3 runs for the t-test, got 2" in table
 
 
 def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 import train
 from model import PRESETS
+from tools import bench
 from train import Hyperparameters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +37,12 @@ def records(log_dir) -> list[dict]:
 
 def train_losses(log_dir) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in records(log_dir) if "train_loss" in r}
+
+
+def saved(h: Hyperparameters, step: int) -> Path:
+    """The checkpoint at `step` of the one run that wrote into h.checkpoint_dir (a folder per run)."""
+    (run,) = Path(h.checkpoint_dir).iterdir()
+    return run / f"step_{step:06d}.pt"
 
 
 def free_port() -> int:
@@ -99,29 +107,42 @@ def test_a_tiny_run_writes_a_complete_log_and_learns(small_shards, tmp_path):
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert vals[-1] < vals[0] < 3.5  # learning, from about ln(25) at the start
     assert 0 < final["test_loss"] < 3.5 and 0 < final["valid_accuracy"] < 1
-    assert (Path(h.checkpoint_dir) / "step_000030.pt").exists()
+    assert saved(h, 30).exists()
 
 
-def test_stops_as_soon_as_the_target_is_reached(small_shards, tmp_path):
-    h = tiny(small_shards, tmp_path, max_steps=20, val_every=2, target_val_loss=10.0)
-    train.main(h)
-    (log,) = Path(h.log_dir).glob("*.txt")
-    assert "target val_loss 10.0 reached at step 2 after" in log.read_text()
+def test_the_target_labels_the_log_and_stops_the_run_only_when_asked(small_shards, tmp_path):
+    fixed = tiny(small_shards, tmp_path / "fixed", max_steps=4, val_every=2, target_val_loss=10.0)
+    train.main(fixed)
+    (log,) = Path(fixed.log_dir).glob("*.txt")
+    assert "target val_loss 10.0 first reached at step 2 after" in log.read_text()
+    outcome = records(fixed.log_dir)[-1]
+    assert outcome["target_step"] == 2 and outcome["final_step"] == outcome["max_steps"] == 4
+    early = tiny(small_shards, tmp_path / "early", max_steps=20, val_every=2, target_val_loss=10.0,
+                 stop_at_target=True)
+    train.main(early)
+    assert records(early.log_dir)[-1]["final_step"] == 2
 
 
-def test_resume_gives_the_same_losses_as_a_straight_run(small_shards, tmp_path):
-    """A checkpoint between two log lines (step 3 of lines at 2, 4, ...) carries the loss summed since the last
-    line, and the clock: the resumed run logs the same losses and goes on counting time from where it stopped."""
-    straight = tiny(small_shards, tmp_path / "a", save_every=3, log_every=2)
+@pytest.mark.parametrize("save_every, log_every, val_every, at", [(2, 2, 2, 4), (3, 2, 4, 3)])
+def test_resume_continues_the_log_line_for_line(small_shards, tmp_path, save_every, log_every, val_every, at):
+    """A run killed after its checkpoint at step `at` has logged steps up to `at`; resumed from that checkpoint,
+    it logs the rest: together, every train and validation loss of the straight run, none twice, and the clock
+    goes on from where it stopped. First with a checkpoint at a log and evaluation step, then between log lines
+    (the checkpoint then carries the loss summed since the last line)."""
+    flags = dict(save_every=save_every, log_every=log_every, val_every=val_every, target_val_loss=2.95)
+    straight = tiny(small_shards, tmp_path / "a", **flags)
     train.main(straight)
-    ckpt = Path(straight.checkpoint_dir) / "step_000003.pt"
-    resumed = tiny(small_shards, tmp_path / "b", log_every=2, resume=str(ckpt))
+    resumed = tiny(small_shards, tmp_path / "b", resume=str(saved(straight, at)), **flags)
     train.main(resumed)
-    a, b = train_losses(straight.log_dir), train_losses(resumed.log_dir)
-    assert sorted(b) == [4, 6, 8]
-    assert all(a[s] == b[s] for s in b), (a, b)
-    saved_ms = torch.load(ckpt, weights_only=False)["train_ms"]
-    first = next(r for r in records(resumed.log_dir) if r.get("step") == 4)
+    logged = lambda rs: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rs if "step" in r]
+    before_kill = [r for r in logged(records(straight.log_dir)) if r[0] <= at]
+    assert before_kill + logged(records(resumed.log_dir)) == logged(records(straight.log_dir))
+    finals = [next(r for r in records(h.log_dir) if "test_loss" in r) for h in (straight, resumed)]
+    assert finals[0] == finals[1]
+    outcomes = [records(h.log_dir)[-1] for h in (straight, resumed)]
+    assert outcomes[0]["target_step"] == outcomes[1]["target_step"]
+    saved_ms = torch.load(saved(straight, at), weights_only=False)["train_ms"]
+    first = next(r for r in records(resumed.log_dir) if "step" in r)
     assert 0 < saved_ms < first["train_time_ms"]
 
 
@@ -135,7 +156,7 @@ def test_two_processes_follow_the_trajectory_of_one_with_grad_accum(small_shards
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
     # and the frozen validation of the same checkpoint is the same on 1 and 2 processes
-    ckpt = str(Path(two.checkpoint_dir) / "step_000006.pt")
+    ckpt = str(saved(two, 6))
     e1 = train.main(tiny(small_shards, tmp_path / "e1", eval_only=True, resume=ckpt))
     e2 = torchrun(2, as_flags(tiny(small_shards, tmp_path / "e2", eval_only=True, resume=ckpt)))
     assert e2.returncode == 0, e2.stderr[-3000:]
@@ -151,8 +172,11 @@ def test_a_diverged_run_stops_every_rank_and_keeps_its_good_checkpoints(small_sh
     r = torchrun(2, as_flags(h))
     assert r.returncode != 0
     assert "non-finite training loss" in r.stderr + r.stdout and "lower learning rate" in r.stderr + r.stdout
-    saved = sorted(Path(h.checkpoint_dir).glob("step_*.pt"))
-    assert saved and all(torch_load_is_finite(p) for p in saved)
+    assert "Traceback" not in r.stderr
+    kept = sorted(Path(h.checkpoint_dir).glob("*/step_*.pt"))
+    assert kept and all(torch_load_is_finite(p) for p in kept)
+    (log,) = Path(h.log_dir).glob("*.txt")  # named as what it is: no tool takes it for a finished run
+    assert log.name.endswith(".failed.txt")
 
 
 def torch_load_is_finite(path) -> bool:
@@ -166,8 +190,8 @@ def test_a_failed_hub_push_is_only_a_warning(small_shards, tmp_path, monkeypatch
     h = tiny(small_shards, tmp_path, max_steps=2, val_every=0, hf_repo="someone/plmrun-test")
     train.main(h)
     (log,) = Path(h.log_dir).glob("*.txt")
-    assert "WARNING: could not push" in log.read_text()
-    assert (Path(h.checkpoint_dir) / "step_000002.pt").exists()
+    assert f"WARNING: could not push {saved(h, 2)}" in log.read_text()
+    assert saved(h, 2).exists()
 
 
 def test_wandb_logs_offline_without_an_api_key(small_shards, tmp_path, monkeypatch):
@@ -185,7 +209,7 @@ def test_bench_reports_throughput_and_mfu(small_shards, tmp_path):
     assert 1 < r["mean_keys_per_token"] <= h.max_len
     assert len(r["train_losses"]) == 2 and all(math.isfinite(x) for x in r["train_losses"])
     (log,) = Path(h.log_dir).glob("*.txt")
-    assert "bench: " in log.read_text() and not list(Path(h.checkpoint_dir).glob("*.pt"))  # it stops, trains nothing
+    assert "bench: " in log.read_text() and not list(Path(h.checkpoint_dir).glob("*/*.pt"))  # it stops, trains nothing
 
 
 @pytest.fixture
@@ -232,13 +256,13 @@ def test_the_kernel_breakdown_counts_communication_as_exposed_only_where_no_othe
                ("ncclDevKernel_ReduceScatter_Sum_f32", 120, 200), ("triton_tem_fused_flex_attention_0", 220, 300),
                ("ncclDevKernel_AllGather_RING", 250, 330), ("ncclDevKernel_AllReduce_Sum_f32", 310, 330)]
     random.Random(0).shuffle(kernels)
-    ms, top, exposed, wall = train.kernel_time_breakdown(kernels, steps=2)
+    ms, top, exposed, wall = bench.kernel_time_breakdown(kernels, steps=2)
     assert ms == pytest.approx({"matmul": 0.05, "attention": 0.04, "element-wise": 0.035, "communication": 0.09,
                                 "copy": 0.0, "idle": 0.01})
     assert exposed == pytest.approx(0.04)  # (200 - 150) + (330 - 300) µs over 2 steps
     assert wall == pytest.approx(0.165)
     assert top[0] == ("nvjet_sm90_tst_192x192", "matmul", pytest.approx(0.05))
-    assert train.kernel_time_breakdown([], steps=3) == ({}, [], 0.0, 0.0)
+    assert bench.kernel_time_breakdown([], steps=3) == ({}, [], 0.0, 0.0)
 
 
 def test_mean_keys_per_token_counts_documents_not_padding():
@@ -246,27 +270,94 @@ def test_mean_keys_per_token_counts_documents_not_padding():
     ids = torch.tensor([0, 5, 2, 0, 5, 5, 2, 1, 1], dtype=torch.int32)  # documents of 3 and 4 tokens, 2 <pad>
     doc_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2], dtype=torch.int32)
     b = Batch(ids, doc_ids, None, None)
-    assert train.mean_keys_per_token([b], 1024) == pytest.approx((3 * 3 + 4 * 4) / 7)
-    assert train.mean_keys_per_token([b, b], 2) == pytest.approx((3 * 2 + 4 * 2) / 7)  # capped by the window
+    assert bench.mean_keys_per_token([b], 1024) == pytest.approx((3 * 3 + 4 * 4) / 7)
+    assert bench.mean_keys_per_token([b, b], 2) == pytest.approx((3 * 2 + 4 * 2) / 7)  # capped by the window
 
 
 def test_resuming_from_a_checkpoint_that_does_not_fit_is_refused_with_what_to_do(small_fasta, small_shards, tmp_path):
     h = tiny(small_shards, tmp_path / "a", max_steps=2, val_every=0)
     train.main(h)
-    good = Path(h.checkpoint_dir) / "step_000002.pt"
+    good = saved(h, 2)
     other = tmp_path / "other"  # the same sequences split with another seed: other shards
     subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(small_fasta), "--out", str(other),
                     "--name", "small", "--num_valid", "100", "--num_test", "100", "--seed", "1"], check=True,
                    capture_output=True)
-    with pytest.raises(ValueError, match="trained on other data"):
-        train.main(tiny(other, tmp_path / "b", resume=str(good)))
-    with pytest.raises(ValueError, match="holds a 'tiny' model, not 'sprint'; pass --preset tiny"):
-        train.main(tiny(small_shards, tmp_path / "c", preset="sprint", resume=str(good)))
+    for data, change, message in [
+            (other, {}, "trained on other data"),
+            (small_shards, {"preset": "sprint"}, "holds a 'tiny' model, not 'sprint'; pass --preset tiny"),
+            (small_shards, {"grad_accum": 2}, "--grad_accum 1, not 2; pass --grad_accum 1"),
+            (small_shards, {"tokens_per_rank": 4096}, "pass --tokens_per_rank 2048")]:
+        with pytest.raises(train.RunError, match=message):
+            train.Trainer(tiny(data, tmp_path / "b", resume=str(good), **change))
+    ckpt = train.load_checkpoint(good)
+    assert train.resume_problems(ckpt, tiny(small_shards, tmp_path / "b", resume=str(good)), 2, ckpt["data_sha256"]) \
+        == ["it was written by 1 rank(s), this run has 2; run it with torchrun --nproc_per_node=1 (or the same number "
+            "of ranks over several nodes)"]
     data = good.read_bytes()
     for name, damaged in [("half.pt", data[:len(data) // 2]), ("head.pt", data[:8192]), ("notes.pt", b"step 2\n")]:
         (tmp_path / name).write_bytes(damaged)  # copies cut short (torch.load fails differently) and a text file
-        with pytest.raises(ValueError, match=rf"{name} is not a readable train.py checkpoint .* use an earlier one"):
-            train.main(tiny(small_shards, tmp_path / "d", resume=str(tmp_path / name)))
+        with pytest.raises(train.RunError, match=rf"{name} is not a readable train.py checkpoint .* use an earlier one"):
+            train.Trainer(tiny(small_shards, tmp_path / "d", resume=str(tmp_path / name)))
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="foreign.pt is not a checkpoint written by train.py"):
-        train.main(tiny(small_shards, tmp_path / "e", eval_only=True, resume=str(tmp_path / "foreign.pt")))
+    r = run_cli(*as_flags(tiny(small_shards, tmp_path / "e", eval_only=True, resume=str(tmp_path / "foreign.pt"))))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"train.py: error: {tmp_path / 'foreign.pt'} is not a checkpoint written "
+                                             "by train.py (no model weights, hyperparameters or data fingerprint)"]
+    assert not list((tmp_path / "e").glob("logs/*"))  # refused before any log was opened
+
+
+def test_shards_that_are_unlisted_missing_or_changed_are_refused_before_training(small_shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    (shard,) = data.glob("*_valid_*.bin")
+    command = json.loads((data / "manifest.json").read_text())["command"]
+    stray = data / "small_train_000001.bin"
+    stray.write_bytes((data / "small_train_000000.bin").read_bytes())
+    cases = [("shard(s) small_train_000001.bin not listed in its manifest.json", lambda: None,
+              lambda: stray.unlink()),
+             (f"shard(s) {shard.name} changed since they were made", lambda: flip_last_byte(shard),
+              lambda: flip_last_byte(shard)),
+             (f"shard(s) {shard.name} listed in its manifest.json but missing", lambda: shard.rename(tmp_path / "x"),
+              lambda: (tmp_path / "x").rename(shard))]
+    for message, damage, repair in cases:
+        damage()
+        r = run_cli(*as_flags(tiny(data, tmp_path / "run", max_steps=1)))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert message in r.stderr and f"remake the folder with: {command}" in r.stderr, r.stderr
+        repair()
+    assert train.main(tiny(data, tmp_path / "run", max_steps=1, val_every=0))["valid_loss"] > 0
+
+
+def flip_last_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_the_training_loss_weighs_every_masked_token_the_same(small_shards, tmp_path):
+    """grad_accum 2 over a full buffer and one with no masked token: the step's loss is the full buffer's mean
+    (not half of it, as a mean of micro-batch means would give, and not NaN)."""
+    from dataloader import Batch
+    trainer = train.Trainer(tiny(small_shards, tmp_path, grad_accum=2, max_steps=1, muon_lr=0.0, embed_lr=0.0,
+                                 head_lr=0.0, scalar_lr=0.0))
+    trainer.start()
+    full = next(trainer.loader)
+    empty = Batch(full.input_ids, full.doc_ids, full.mask_idx, torch.full_like(full.targets, -100))
+    loader, trainer.loader = trainer.loader, iter([full, empty])
+    model = trainer.raw_model
+    torch.manual_seed(0)
+    for p in model.parameters():  # weights away from their zero init, so the head's gradient is informative
+        p.data.normal_(0, 0.05)
+    expected = model(*full[:3], None, trainer.windows[trainer.window_size(0)])
+    expected = torch.nn.functional.cross_entropy(expected, full.targets, ignore_index=-100)
+    loss = trainer.train_step(0)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    trainer.loader = loader
+    trainer.close(ok=True)
+
+
+def test_a_cpu_run_too_big_for_memory_is_refused_with_what_to_do(small_shards, tmp_path):
+    r = run_cli("--data", str(small_shards), "--preset", "tiny", "--log_dir", str(tmp_path / "logs"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "GiB on the CPU" in r.stderr and "pass --tokens_per_rank 4096, or train on a GPU" in r.stderr
+    assert not (tmp_path / "logs").exists()

@@ -8,6 +8,7 @@
 A log is the `.txt` that train.py writes (full source, command, environment) with its `.jsonl` twin (the numbers).
 """
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -17,11 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data.tracks import TRACKS, track_of, track_problems
+
 REPO = Path(__file__).resolve().parent.parent
 SEPARATOR = "=" * 100 + "\n"
 SOURCE_HEADER = re.compile(r"^==> (\S+) <==\n", re.M)
 BOARD_START, BOARD_END = "<!-- leaderboard: made by python -m tools.records leaderboard -->", "<!-- /leaderboard -->"
-TRACK_TARGET = 2.78  # the sp2014 track's target validation loss
 # The best public protein speedrun trainer on the same sp2014 track and one H100: (seconds of training, validation
 # loss). Its log gives times only; it ran at 312,600 tokens/s, so its tokens are taken as seconds x 312,600
 # (77M at the last point).
@@ -51,6 +53,8 @@ def read_run(txt) -> dict:
     jsonl = txt.with_suffix(".jsonl")
     if not txt.is_file() or not jsonl.is_file():
         raise RecordError(f"{txt}: a run log is a .txt with its .jsonl twin beside it; one of them is missing")
+    if txt.stem.endswith((".running", ".failed")):
+        raise RecordError(f"{txt}: an unfinished log (train.py names a log RUN_ID.txt only when its run ends well)")
     text = txt.read_text()
     if text.count(SEPARATOR) < 2:
         raise RecordError(f"{txt}: no embedded source block; is it a log written by train.py?")
@@ -64,8 +68,13 @@ def read_run(txt) -> dict:
     if outcome is None or final is None:
         raise RecordError(f"{jsonl}: the run did not finish (no final evaluation or outcome line)")
     gpus = re.search(r"^gpus \((\d+)\): (.*)$", text, re.M)
+    gpus = gpus.group(2) if gpus else "unknown"
+    # the GPUs the ranks ran on; logs older than that record have the host's nvidia-smi list only
+    devices = meta.get("devices") or [g.split(",")[0] for g in gpus.split("; ")][:meta["world_size"]]
     return {"path": txt, "sources": sources, "meta": meta, "outcome": outcome, "final": final,
-            "evals": [r for r in records if "val_loss" in r], "gpus": gpus.group(2) if gpus else "unknown"}
+            "evals": [r for r in records if "val_loss" in r], "gpus": gpus, "devices": devices,
+            "run_id": meta.get("run_id", txt.stem), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "losses": [r.get("train_loss", r.get("val_loss")) for r in records if "step" in r]}
 
 
 def tokens_trained(run: dict) -> int:
@@ -106,12 +115,34 @@ def incomplete_beta(a: float, b: float, x: float) -> float:
     return front * (f - 1)
 
 
-def check(paths: list) -> dict:
-    """One attempt: the same code and data in every run, every run at the target, and a mean final validation
-    loss below the target with p < 0.01 (one-sided t-test over at least 3 runs)."""
+# Hyperparameters that say where and how results are written or how fast data are read, never what is trained:
+# the runs of one attempt may differ in these (and in --seed) only.
+OUTPUT_FLAGS = {"data", "log_dir", "checkpoint_dir", "save_every", "keep_checkpoints", "resume", "wandb_project",
+                "hf_repo", "num_workers"}
+
+
+def check(paths: list, tracks: dict = TRACKS) -> dict:
+    """One attempt under the record rules: runs of the same code, data and hyperparameters but the seed, seeds
+    0..n-1 (n >= 3), every run trained its full --max_steps on its track's data, constants and hardware, and the
+    mean final validation loss below the track's target with p < 0.01 (one-sided t-test). Its time is the mean
+    training time to the final step."""
     runs = [read_run(p) for p in paths]
     if len(runs) < 3:
         raise RecordError(f"an attempt needs at least 3 runs for the t-test, got {len(runs)}")
+    for key, what in [("run_id", "run id"), ("sha256", "content"), ("losses", "losses")]:
+        seen = {}
+        for run in runs:
+            value = json.dumps(run[key])
+            if value in seen:
+                raise RecordError(f"{run['path']}: the same run as {seen[value]} (same {what}): a log counts once")
+            seen[value] = run["path"]
+    seeds = sorted(run["meta"]["hyperparameters"]["seed"] for run in runs)
+    if seeds != list(range(len(runs))):
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        missing = sorted(set(range(len(runs))) - set(seeds))
+        raise RecordError(f"an attempt's runs are seeds 0..{len(runs) - 1}, each once, so that no run is left out; "
+                          f"got seeds {seeds}" + (f" (twice: {repeated})" if repeated else "")
+                          + (f" (missing: {missing})" if missing else ""))
     first = runs[0]
     for run in runs[1:]:
         for name in sorted(set(first["sources"]) | set(run["sources"])):
@@ -120,25 +151,51 @@ def check(paths: list) -> dict:
         if run["meta"]["data_sha256"] != first["meta"]["data_sha256"]:
             raise RecordError(f"{run['path']}: trained on other data (sha256 {run['meta']['data_sha256']}) than "
                               f"{first['path']} ({first['meta']['data_sha256']})")
-    targets = {run["meta"]["hyperparameters"]["target_val_loss"] for run in runs}
-    if len(targets) != 1 or not targets.pop() > 0:
-        raise RecordError("the runs must share one --target_val_loss > 0")
-    target = first["meta"]["hyperparameters"]["target_val_loss"]
+        h, h0 = run["meta"]["hyperparameters"], first["meta"]["hyperparameters"]
+        differ = sorted(k for k in set(h) | set(h0) if k not in OUTPUT_FLAGS | {"seed"} and h.get(k) != h0.get(k))
+        if differ:
+            raise RecordError(f"{run['path']}: its hyperparameters differ from those of {first['path']} in "
+                              + ", ".join(f"--{k} ({h.get(k)} vs {h0.get(k)})" for k in differ)
+                              + "; an attempt changes nothing but --seed")
+        if (run["meta"]["world_size"], run["devices"]) != (first["meta"]["world_size"], first["devices"]):
+            raise RecordError(f"{run['path']}: ran on {run['meta']['world_size']} rank(s) of {run['devices']}, "
+                              f"{first['path']} on {first['meta']['world_size']} of {first['devices']}")
     for run in runs:
-        if not run["outcome"]["target_reached"]:
-            raise RecordError(f"{run['path']}: did not reach the target validation loss {target}")
+        h = run["meta"]["hyperparameters"]
+        if h.get("stop_at_target") or run["outcome"]["final_step"] < h["max_steps"]:
+            raise RecordError(f"{run['path']}: stopped at step {run['outcome']['final_step']} of --max_steps "
+                              f"{h['max_steps']}; a record run trains every step (the target only labels the log)")
+    h = first["meta"]["hyperparameters"]
+    track = track_of(first["meta"]["data_sha256"], h, tracks)
+    if track is None:
+        raise RecordError(f"no track of data/tracks.py has these runs' data (sha256 {first['meta']['data_sha256']}) "
+                          f"and --target_val_loss {h['target_val_loss']}")
+    problems = track_problems(track, first["meta"]["data_sha256"], h, first["meta"]["world_size"], first["devices"])
+    if problems:
+        raise RecordError(f"the runs do not meet track {track.name}'s constants: " + "; ".join(problems))
     losses = [run["final"]["valid_loss"] for run in runs]
     seconds = [run["outcome"]["train_time_ms"] / 1000 for run in runs]
     mean, std = statistics.mean(losses), statistics.stdev(losses)
+    target = track.target
     p = (float(mean >= target) if std == 0 else
          t_sf((target - mean) / (std / math.sqrt(len(losses))), len(losses) - 1))
-    result = {"runs": len(runs), "target": target, "val_loss_mean": mean, "val_loss_std": std, "p_value": p,
-              "time_mean_s": statistics.mean(seconds), "time_std_s": statistics.stdev(seconds)}
-    print(f"{len(runs)} runs: val loss {mean:.4f} ± {std:.4f} (target {target}, one-sided p = {p:.2e}), "
-          f"time {result['time_mean_s']:.2f} ± {result['time_std_s']:.2f} s")
+    result = {"track": track.name, "runs": len(runs), "target": target, "val_loss_mean": mean, "val_loss_std": std,
+              "p_value": p, "time_mean_s": statistics.mean(seconds), "time_std_s": statistics.stdev(seconds)}
+    table = ["| seed | final val loss | test loss | training time | first at the target | log |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for run in sorted(runs, key=lambda r: r["meta"]["hyperparameters"]["seed"]):
+        o = run["outcome"]
+        at = (f"step {o['target_step']}, {o['target_time_ms'] / 1000:.2f} s" if o.get("target_step") else
+              "yes" if o["target_reached"] else "no")
+        table.append(f"| {run['meta']['hyperparameters']['seed']} | {run['final']['valid_loss']:.4f} | "
+                     f"{run['final']['test_loss']:.4f} | {o['train_time_ms'] / 1000:.2f} s | {at} | {run['path'].name} |")
+    result["table"] = "\n".join(table)
+    result["summary"] = (f"track {track.name}: {len(runs)} runs of {h['max_steps']} steps: val loss {mean:.4f} ± "
+                         f"{std:.4f} (target {target}, one-sided p = {p:.2e}), time {result['time_mean_s']:.2f} ± "
+                         f"{result['time_std_s']:.2f} s")
     if p >= 0.01:
         raise RecordError(f"the mean validation loss {mean:.4f} is not below the target {target} with p < 0.01 "
-                          f"(p = {p:.3g}); add runs or train further")
+                          f"(p = {p:.3g}); add runs (seeds {len(runs)}, {len(runs) + 1}, ...) or train further")
     return result
 
 
@@ -155,6 +212,7 @@ def reproduce(path, out: Path, run_it: bool) -> list[str]:
     run = read_run(path)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in run["sources"].items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
     cmd = command(run)
     print(f"cd {shlex.quote(str(out))} && {shlex.join(cmd)}")
@@ -166,30 +224,38 @@ def reproduce(path, out: Path, run_it: bool) -> list[str]:
     return cmd
 
 
-def leaderboard(logs: Path, readme: Path) -> str:
-    """The record table, written into readme between the leaderboard markers: one row per folder of `logs`, each
-    folder the runs of one attempt, which must pass `check`; fastest mean time first. Folders of runs without a
-    target (a sweep, or a long run in several resumed parts) are not attempts and are left out."""
-    rows = []
+def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
+    """The record table, written into readme between the leaderboard markers: one row per folder of `logs` whose
+    runs pass `check` and that holds its write-up (README.md), by track, fastest mean time first; then the folders
+    of attempts (runs with a target) that do not pass today's rules, each with the reason. Folders of runs without
+    a target (a sweep, or a long run in several resumed parts) are not attempts and are left out."""
+    rows, retired = [], []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
         paths = sorted(folder.glob("*.txt"))
         if paths and not any(run_record(p)["hyperparameters"]["target_val_loss"] for p in paths):
             continue
+        link = f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()})"
         try:
-            result = check(paths)
+            result = check(paths, tracks)
         except RecordError as e:
-            raise RecordError(f"{folder} is not a record: {e}")
+            retired.append(f"- {link}: {e}")
+            continue
+        if not (folder / "README.md").is_file():
+            raise RecordError(f"{folder} passes check but has no write-up: add its README.md (what changed, the "
+                              "command, its runs, the check output)")
         run = read_run(paths[0])
-        hardware = f"{run['meta']['world_size']}x {run['gpus'].split(',')[0]}"
-        rows.append((result["time_mean_s"], f"{result['time_mean_s']:.2f} ± {result['time_std_s']:.2f} s",
+        hardware = f"{run['meta']['world_size']}x {run['devices'][0]}"
+        rows.append((result["track"], result["time_mean_s"], f"{result['time_mean_s']:.2f} ± {result['time_std_s']:.2f} s",
                      f"{result['val_loss_mean']:.4f} ± {result['val_loss_std']:.4f}",
                      f"{result['runs']} (p = {result['p_value']:.1e})", run["meta"]["hyperparameters"]["preset"],
                      hardware, f"{tokens_trained(run) / 1e6:.1f}M", run["meta"]["date"][:10],
-                     f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()})"))
-    table = ["| time | val loss | runs | model | hardware | tokens | date | logs |", "|" + " --- |" * 8]
-    table += ["| " + " | ".join(row[1:]) + " |" for row in sorted(rows)]
+                     f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()}/README.md)"))
+    table = ["| track | time | val loss | runs | model | hardware | tokens | date | write-up |", "|" + " --- |" * 9]
+    table += ["| " + " | ".join([row[0], *row[2:]]) + " |" for row in sorted(rows)]
     if not rows:
-        table.append("| no record yet |" + " |" * 7)
+        table.append("| no record yet |" + " |" * 8)
+    if retired:
+        table += ["", "Attempts that do not pass today's rules (`check` says why):", *retired]
     text = readme.read_text()
     if text.count(BOARD_START) != 1 or text.count(BOARD_END) != 1:
         raise RecordError(f"{readme} needs the markers {BOARD_START} and {BOARD_END} once each")
@@ -217,7 +283,7 @@ def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     reference = dict(color="black", linestyle="--", marker="x", label="best public trainer (1x H100)")
     by_time.plot(seconds, losses, **reference)
     by_tokens.plot([s * REFERENCE_TOKENS_PER_SEC / 1e6 for s in seconds], losses, **reference)
-    targets = {run["meta"]["hyperparameters"]["target_val_loss"] for run in runs} - {0.0} or {TRACK_TARGET}
+    targets = {run["meta"]["hyperparameters"]["target_val_loss"] for run in runs} - {0.0} or {TRACKS['sp2014'].target}
     for target in sorted(targets):
         for ax in (by_time, by_tokens):
             ax.axhline(target, color="red", linewidth=1, label=f"target {target}")
@@ -261,7 +327,9 @@ def main(argv=None):
     g.add_argument("--size", type=pixels, default=(1400, 500), help="WIDTHxHEIGHT in pixels (default 1400x500)")
     a = p.parse_args(argv)
     if a.command == "check":
-        return check(a.logs)
+        result = check(a.logs)
+        print(result["table"] + "\n" + result["summary"])
+        return result
     if a.command == "reproduce":
         return reproduce(a.log, a.out, a.run)
     if a.command == "plot":
