@@ -32,7 +32,7 @@ class Track:
 SP2014_FINGERPRINT = "fe9e012bdcf9f91e5a8f3a843869393941470c6102dc1c7d3169057cac85eaf2"
 TRACKS = {t.name: t for t in [
     Track("sp2014", "data/sp2014", "python data/sp2014.py --out data/sp2014", SP2014_FINGERPRINT, 2.78, 1024, 140,
-          1, ("H100", "H200"), 65536,
+          1, ("H100",), 65536,
           "--preset sprint --max_steps 700 --val_every 140 --target_val_loss 2.78",
           "Swiss-Prot 2014 split by 50%-identity clusters; early learning (20 s of training)"),
     Track("sp2014-long", "data/sp2014", "python data/sp2014.py --out data/sp2014", SP2014_FINGERPRINT, 2.61, 1024,
