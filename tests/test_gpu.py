@@ -73,6 +73,6 @@ def test_activation_memory_budget_trades_saved_activations_for_recomputation():
         loss.backward()
         grads[budget] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     assert saved[0.2] < 0.7 * saved[1.0], saved
-    assert abs(grads[0.2][0] - grads[1.0][0]) < 1e-3
+    assert abs(grads[0.2][0] - grads[1.0][0]) < 3e-4 * abs(grads[1.0][0])  # the loss is summed over masked tokens
     for g02, g10 in zip(grads[0.2][1], grads[1.0][1]):  # recomputed bfloat16 activations round in other fusions
         assert relative_error(g02, g10) < 3e-2
