@@ -21,13 +21,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 
 from data.tracks import TRACKS, track_of, track_problems
-from dataloader import TrainLoader, eval_batches, verified_fingerprint
+from dataloader import MASK, TrainLoader, eval_batches, read_shard, verified_fingerprint
 from model import PRESETS, Model, triton_qk_norm
 from optimizer import build_optimizer
 
@@ -474,6 +475,7 @@ class Trainer:
             shards[split], a.tokens_per_rank, scheme=scheme, max_len=a.max_len)[self.rank::self.world]]
             for split in ("valid", "test") for scheme in SCHEMES}
         self.full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
+        self.baseline = self.letter_frequency_loss(shards["train"][0])
         self.loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=self.rank, world_size=self.world,
                                   seed=a.seed, max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
                                   num_workers=self.num_workers, pin_memory=device.type == "cuda")
@@ -485,10 +487,23 @@ class Trainer:
                       f"{self.global_batch:,} tokens = {self.world} ranks x {a.grad_accum} micro-batches x "
                       f"{a.tokens_per_rank:,} | {self.total_steps} steps | device {device} | {self.num_workers} "
                       f"loader workers per rank{workers} | QK-norm + rotary: "
-                      f"{'Triton op' if triton_qk_norm(device) else 'formula'}")
+                      f"{'Triton op' if triton_qk_norm(device) else 'formula'} | letter-frequency baseline: "
+                      f"val_loss {self.baseline:.4f}")
         if self.master:
             self.log.line(f"log: {self.log.path('running', '.txt')} (renamed {self.run_id}.txt when the run ends) | "
                           f"checkpoints: {self.checkpoint_dir}/")
+
+    def letter_frequency_loss(self, train_shard) -> float:
+        """The validation loss of predicting every masked residue by the training residues' frequencies (from one
+        shard): what a model must beat to have learned more than the composition of proteins."""
+        counts = torch.bincount(torch.from_numpy(read_shard(train_shard).view(np.ndarray)), minlength=MASK + 1)
+        log_p = (counts.double() / counts.sum()).clamp(min=1e-12).log().to(self.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in self.eval_sets["valid", "mask"]:
+            targets = b.targets[b.targets != -100]
+            totals += torch.stack([-log_p[targets].sum(), torch.tensor(len(targets), device=self.device)])
+        loss_sum, count = all_reduce_sum(totals).tolist()
+        return loss_sum / count
 
     def window_size(self, step: int) -> int:
         return window_size(step, self.total_steps, self.args)
@@ -645,7 +660,8 @@ class Trainer:
         if self.device.type == "cuda":
             log.line(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
                      f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
-        log.line(" ".join(f"{k}:{v:.4f}" for k, v in final.items()), **final)
+        log.line(" ".join(f"{k}:{v:.4f}" for k, v in final.items())
+                 + f" (letter-frequency baseline: valid_loss {self.baseline:.4f})", **final)
         reached = self.target_reached
         trained = f"trained {step} steps in {self.train_ms / 1000:.2f}s"
         if not a.target_val_loss:
