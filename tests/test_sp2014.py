@@ -1,6 +1,5 @@
 """data/sp2014.py: the sp2014 split rebuilt from a public source is today's, and a wrong source is refused."""
 import hashlib
-import json
 import lzma
 import os
 import subprocess
@@ -13,10 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 import sp2014  # noqa: E402
+from dataloader import verified_fingerprint  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 CORPUS = SHARED / "swissprot2014_go.fasta.xz"
-FINGERPRINT = "fe9e012bdcf9f91e5a8f3a843869393941470c6102dc1c7d3169057cac85eaf2"  # of today's sp2014 shards
+from data.tracks import SP2014_FINGERPRINT as FINGERPRINT  # noqa: E402  (what train.py logs for sp2014)
 needs_shared = pytest.mark.skipif(not CORPUS.exists(), reason=f"needs {CORPUS} (the corpus only CI and developers have)")
 
 
@@ -43,13 +43,6 @@ def uniprot_seqs(uniprot_fasta, lists) -> dict:
     return sp2014.read_fasta(uniprot_fasta, {acc for split in sp2014.SPLITS for acc, _ in lists[split]}, 0)
 
 
-def fingerprint(folder: Path) -> str:
-    """The data fingerprint train.py logs: a sha256 over the shard names and sha256s in the manifest."""
-    splits = json.loads((folder / "manifest.json").read_text())["splits"]
-    shards = [(s["file"], s["sha256"]) for split in ("train", "valid", "test") for s in splits[split]["shards"]]
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
-
-
 def cli(*args):
     return subprocess.run([sys.executable, str(REPO / "data" / "sp2014.py"), *map(str, args)],
                           capture_output=True, text=True)
@@ -61,7 +54,7 @@ def test_corpus_gives_todays_shards(tmp_path):
     out.mkdir()
     (out / "sp2014_train_000009.bin").write_bytes(b"of an earlier build")  # replaced as a whole
     sp2014.main(["--source", str(CORPUS), "--out", str(out)])
-    assert fingerprint(out) == FINGERPRINT
+    assert verified_fingerprint(out) == FINGERPRINT
     assert not (out / "sp2014_train_000009.bin").exists()
     assert not list(tmp_path.glob(".*"))  # no build folder left beside --out
 
@@ -135,4 +128,4 @@ def test_deb_gives_todays_shards(tmp_path):
                        cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 0, r.stderr
     assert "MFO database read" in r.stderr
-    assert fingerprint(tmp_path / "sp2014") == FINGERPRINT
+    assert verified_fingerprint(tmp_path / "sp2014") == FINGERPRINT

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from dataloader import (BLOCK, CLS, EOS, MASK, PAD, STANDARD_AA, VOCAB, assemble, check_tokens_per_batch, documents,
+from dataloader import (verified_fingerprint, BLOCK, CLS, EOS, MASK, PAD, STANDARD_AA, VOCAB, assemble, check_tokens_per_batch, documents,
                         eval_batches, read_shard, to_batch)
 from model import PRESETS, Model
 
@@ -204,10 +204,6 @@ def load_for_scoring(model_dir: Path, device: torch.device, max_len: int, trust_
 
 def data_fingerprint(data: Path) -> str:
     """The shards' fingerprint as train.py logs it; for a folder without a usable manifest, why there is none."""
-    try:  # dataloader.verified_fingerprint replaces train.data_sha256: work with either checkout
-        from dataloader import verified_fingerprint
-    except ImportError:
-        return train.data_sha256(data)
     try:
         return verified_fingerprint(data)
     except ValueError as e:
