@@ -3,6 +3,10 @@
 A shard `{name}_{split}_{NNNNNN}.bin` is a header of 256 little-endian int32 (magic 20240520, version 1, token
 count, zeros) followed by one uint8 per token: documents `<cls> residues <eos>` back to back (the format of the
 public Synthyra/omg_prot50_packed files).
+
+A training shard made with `prepare.py --clusters` has a cluster file beside it, `{name}_train_{NNNNNN}.clusters`:
+one little-endian int32 per document of the shard, in shard order, the id of the document's cluster (ids are
+shared by all the shards of a folder). TrainLoader(sample_by_cluster=True) reads them.
 """
 import hashlib
 import json
@@ -26,17 +30,25 @@ PREPARE_HINT = ("make shards with: python data/prepare.py --fasta FILE --out DIR
                 "(or python data/download_omgprot50.py --out DIR)")
 
 
-def write_shard(path, tokens) -> str:
-    """Write tokens (uint8 array or bytes) as a shard and return its sha256. A temporary name and a rename mean a
-    crash never leaves a file that looks complete."""
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
-    data = header.tobytes() + bytes(tokens)
+def write_file(path, data: bytes) -> str:
+    """Write data and return its sha256. A temporary name and a rename mean a crash never leaves a file that looks
+    complete."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
     return hashlib.sha256(data).hexdigest()
+
+
+def write_shard(path, tokens) -> str:
+    """Write tokens (uint8 array or bytes) as a shard and return its sha256."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    return write_file(path, header.tobytes() + bytes(tokens))
+
+
+def cluster_file(shard) -> Path:
+    return Path(shard).with_suffix(".clusters")
 
 
 def write_manifest(folder, manifest: dict) -> None:
@@ -86,28 +98,36 @@ def file_sha256(path) -> str:
 
 def verified_fingerprint(folder) -> str:
     """The data fingerprint of a shard folder (a sha256 of the shard names and sha256s its manifest.json lists,
-    the same wherever the data were made) once every *.bin there is found listed and unchanged: the fingerprint a
-    run logs then describes what it trained on. Shards are hashed in threads (hashlib lets go of the GIL)."""
+    the same wherever the data were made) once every *.bin and *.clusters there is found listed and unchanged:
+    the fingerprint a run logs then describes what it trained on. The cluster files are checked but left out of
+    the fingerprint, so that adding them keeps a folder's fingerprint, and with it its track and its logs; a run
+    that samples by cluster says so in its hyperparameters. Files are hashed in threads (hashlib lets go of the
+    GIL)."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-        listed = {s["file"]: s["sha256"] for split in ("train", "valid", "test")
-                  for s in manifest["splits"][split]["shards"]}
+        shards = [s for split in ("train", "valid", "test") for s in manifest["splits"][split]["shards"]]
+        listed = {s["file"]: s["sha256"] for s in shards}
+        clusters = {s["clusters"]["file"]: s["clusters"]["sha256"] for s in shards if "clusters" in s}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder}/manifest.json is missing or unreadable ({type(e).__name__}: {e}); "
                          f"remake the folder: {PREPARE_HINT}") from None
     remake = f"remake the folder with: {manifest['command']}" if manifest.get("command") else PREPARE_HINT
-    found = {p.name for p in folder.glob("*.bin")}
-    for problem, names in [("not listed in its manifest.json", found - listed.keys()),
-                           ("listed in its manifest.json but missing", listed.keys() - found)]:
-        if names:
-            raise ValueError(f"{folder}: shard(s) {', '.join(sorted(names))} {problem}; {remake}")
+    kinds = [("shard(s)", "*.bin", listed), ("cluster file(s)", "*.clusters", clusters)]
+    for what, pattern, files in kinds:
+        found = {p.name for p in folder.glob(pattern)}
+        for problem, names in [("not listed in its manifest.json", found - files.keys()),
+                               ("listed in its manifest.json but missing", files.keys() - found)]:
+            if names:
+                raise ValueError(f"{folder}: {what} {', '.join(sorted(names))} {problem}; {remake}")
+    every = {**listed, **clusters}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        hashes = dict(zip(listed, pool.map(file_sha256, [folder / name for name in listed])))
-    changed = sorted(name for name, sha in listed.items() if hashes[name] != sha)
-    if changed:
-        raise ValueError(f"{folder}: shard(s) {', '.join(changed)} changed since they were made (their sha256 is not "
-                         f"the one manifest.json lists); {remake}")
+        hashes = dict(zip(every, pool.map(file_sha256, [folder / name for name in every])))
+    for what, _, files in kinds:
+        changed = sorted(name for name, sha in files.items() if hashes[name] != sha)
+        if changed:
+            raise ValueError(f"{folder}: {what} {', '.join(changed)} changed since they were made (their sha256 is "
+                             f"not the one manifest.json lists); {remake}")
     return hashlib.sha256(json.dumps(list(listed.items())).encode()).hexdigest()
 
 
@@ -216,13 +236,40 @@ def replace_80_10_10(ids: np.ndarray, chosen: np.ndarray, rng: np.random.Generat
 # drawn from (seed, epoch, group, batch), so any worker can build it from the cursor alone, and the stream depends
 # on neither world size nor worker count. Only one group's document index is held at a time (a few shards' worth:
 # ~1M documents), never the whole dataset's, and a resumed run needs only the cursor it stopped at.
+#
+# Sampling by cluster (as ESM-2 trains on UniRef50: a cluster, then one of its members) keeps all of that and only
+# thins each group: epoch e first draws one member of every cluster with a generator seeded by (seed, e), and a
+# group keeps the picks among its shards' documents. The picks span all shards, so the cluster id of every document
+# is held (4 bytes each); they are a pure function of (seed, epoch), and the cursor still names a micro-batch.
 GROUP_SHARDS = 4
 
 
+def cluster_members(files) -> tuple:
+    """For the shards' cluster files: (first document of each shard in a numbering over all shards in order,
+    every document sorted by cluster, where each cluster starts in that order, each cluster's size)."""
+    ids = []
+    for f in files:
+        path = cluster_file(f)
+        if not path.is_file():
+            raise ValueError(f"{f} has no cluster file {path.name} beside it; sampling by cluster needs shards made "
+                             f"with data/prepare.py --clusters TSV")
+        docs = len(documents(read_shard(f))[0])
+        if path.stat().st_size != 4 * docs:
+            raise ValueError(f"{path} holds {path.stat().st_size:,} bytes, not 4 for each of the {docs:,} documents "
+                             f"of {Path(f).name}; remake the folder with data/prepare.py --clusters TSV")
+        ids.append(np.fromfile(path, dtype="<i4"))
+    offsets = np.cumsum([0] + [len(i) for i in ids])
+    ids = np.concatenate(ids)
+    by_cluster = np.argsort(ids, kind="stable")
+    _, first, sizes = np.unique(ids[by_cluster], return_index=True, return_counts=True)
+    return offsets, by_cluster, first, sizes
+
+
 class TrainStream(torch.utils.data.IterableDataset):
-    def __init__(self, files, tokens, world_size, seed, max_len, mask_rate, mask_scheme):
+    def __init__(self, files, tokens, world_size, seed, max_len, mask_rate, mask_scheme, sample_by_cluster):
         self.files, self.tokens, self.world_size, self.seed = [str(f) for f in files], tokens, world_size, seed
         self.max_len, self.mask_rate, self.mask_scheme = max_len, mask_rate, mask_scheme
+        self.clusters = cluster_members(self.files) if sample_by_cluster else None
         self.m = math.ceil(mask_rate * tokens)
         self.groups = math.ceil(len(self.files) / GROUP_SHARDS)
         self.start = (0, 0, 0)  # cursor of this rank's next micro-batch, set by the loader before workers start
@@ -237,6 +284,11 @@ class TrainStream(torch.utils.data.IterableDataset):
             shard = np.repeat(chosen, [len(s) for s, _ in found])
             start = np.concatenate([s for s, _ in found])
             length = np.concatenate([n for _, n in found])
+            if self.clusters is not None:
+                picked = self.picks(epoch)
+                offsets = self.clusters[0]
+                keep = np.concatenate([picked[offsets[i]:offsets[i + 1]] for i in chosen])
+                shard, start, length = shard[keep], start[keep], length[keep]
             rng = np.random.default_rng([self.seed, 1, epoch, group])
             perm = rng.permutation(len(start))
             shard, start, length = shard[perm], start[perm], length[perm]
@@ -246,6 +298,15 @@ class TrainStream(torch.utils.data.IterableDataset):
             length = np.minimum(length, self.max_len)
             self.plan_key, self.plan = (epoch, group), (shard, start, length, pack(length, self.tokens))
         return self.plan
+
+    def picks(self, epoch: int) -> np.ndarray:
+        """Whether each document (numbered over all shards) is its cluster's pick in this epoch: one member of each
+        cluster, uniformly at random."""
+        offsets, by_cluster, first, sizes = self.clusters
+        rng = np.random.default_rng([self.seed, 3, epoch])
+        picked = np.zeros(offsets[-1], dtype=bool)
+        picked[by_cluster[first + rng.integers(sizes)]] = True
+        return picked
 
     def shard(self, i: int) -> np.ndarray:
         if i not in self.shards:  # a plain ndarray view of the memmap: slicing it is cheaper
@@ -303,13 +364,15 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 class TrainLoader:
     """Rank `rank`'s share of the training stream: its i-th micro-batch is global micro-batch i*world_size + rank.
+    An epoch holds every document once, or with sample_by_cluster one member of every cluster (the shards' cluster
+    files, from prepare.py --clusters).
 
     Workers start at the first next(), so load_state_dict before iterating is cheap."""
     iterator = None  # the running torch DataLoader iterator, if any
 
     def __init__(self, files, tokens_per_rank: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  max_len: int = 1024, mask_rate: float = 0.15, mask_scheme: str = "mask", num_workers: int = 4,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, sample_by_cluster: bool = False):
         check_tokens_per_batch(tokens_per_rank, max_len)
         if not files:
             raise ValueError(f"no training shards given; {PREPARE_HINT}")
@@ -319,7 +382,8 @@ class TrainLoader:
             raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
         if sum(shard_tokens(f) for f in files) == 0:
             raise ValueError(f"the training shards hold no tokens ({files[0]}, ...); {PREPARE_HINT}")
-        self.stream = TrainStream(files, tokens_per_rank, world_size, seed, max_len, mask_rate, mask_scheme)
+        self.stream = TrainStream(files, tokens_per_rank, world_size, seed, max_len, mask_rate, mask_scheme,
+                                  sample_by_cluster)
         self.rank, self.num_workers, self.pin_memory = rank, num_workers, pin_memory
         self.next_cursor = self.stream.advance((0, 0, 0), rank)
 
@@ -340,7 +404,7 @@ class TrainLoader:
     def settings(self) -> dict:
         s = self.stream
         return {"rank": self.rank, "world_size": s.world_size, "seed": s.seed, "tokens_per_rank": s.tokens,
-                "max_len": s.max_len, "shards": len(s.files)}
+                "max_len": s.max_len, "shards": len(s.files), "sample_by_cluster": s.clusters is not None}
 
     def cursor(self):
         """The cursor of this rank's next micro-batch."""
@@ -352,10 +416,12 @@ class TrainLoader:
         return {"cursor": self.cursor(), **self.settings()}
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"sample_by_cluster": False, **state}  # states saved before the flag existed did not sample
         saved = {k: state.get(k) for k in self.settings()}
         if saved != self.settings():
             raise ValueError(f"the loader state was saved with {saved}, this loader has {self.settings()}; "
-                             "resume with the same data, number of ranks, seed, tokens_per_rank and max_len")
+                             "resume with the same data, number of ranks, seed, tokens_per_rank, max_len and "
+                             "sampling by cluster")
         self.close()
         self.next_cursor = tuple(state["cursor"])
 

@@ -3,10 +3,19 @@
     python data/prepare.py --fasta proteins.fasta.xz --out data/mine --name mine        # split 10k/10k/rest, seeded
     python data/prepare.py --train a.fasta.xz --valid b.fasta --test c.fasta --out data/sp2014 --name sp2014
     python data/prepare.py --hf_dataset tattabio/OMG_prot50 --out data/omg --name omg_prot50
+    python data/prepare.py --train a.fasta.xz --valid b.fasta --test c.fasta --clusters a_clusters.tsv.xz ...
 
 FASTA may be plain, .gz or .xz. Residues are upper-cased; characters outside the ESM-2 vocabulary become <unk> and
 are counted. Sequences are stored whole. A single source without splits is split by a generator seeded with
 --seed: --num_valid + --num_test record indices drawn without replacement (the first --num_valid of them valid).
+
+--clusters TSV (plain, .gz or .xz; `representative<TAB>member` per line, as mmseqs writes it, or UniRef50 -> UniRef90
+memberships) writes beside each training shard its cluster file (dataloader.py describes it), for sampling one
+member per cluster (TrainLoader's sample_by_cluster); the shards themselves are the same bytes as without it. A
+record's accession is the first word of its header, or ACC for UniProt's `>sp|ACC|NAME` (the TSV's ids are read the
+same way). Clusters are numbered in the order the training split first meets them, so the files depend on the
+clustering only, not on the TSV's line order (mmseqs's is thread-dependent). A training record that is no member in
+the TSV is refused, not made a cluster of its own: it means the TSV belongs to other data.
 
 Everything is written into a new folder `.{out name}.{random}.tmp` beside --out, which takes --out's place only when
 every input has been read: a failure leaves an existing --out exactly as it was and a new one absent (a killed run
@@ -31,7 +40,7 @@ import uuid
 
 import numpy as np
 
-from dataloader import CLS, EOS, UNK, VOCAB, write_manifest, write_shard
+from dataloader import CLS, EOS, UNK, VOCAB, cluster_file, write_file, write_manifest, write_shard
 
 SPLITS = ("train", "valid", "test")
 READ_BYTES = 8 << 20  # FASTA is cut into blocks of whole records of about this size, one job each
@@ -45,7 +54,7 @@ WHITESPACE = b" \t\r\n"
 HELD_OUT = {}  # record index -> split, for a source split here; set in every worker by the pool initializer
 
 
-def open_fasta(path: Path):
+def open_input(path: Path):
     """(decompressed binary stream, raw file) so progress can follow the raw file's position."""
     raw = open(path, "rb")
     opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix)
@@ -61,7 +70,7 @@ def fasta_blocks(path: Path):
 
 
 def read_blocks(path: Path):
-    stream, raw = open_fasta(path)
+    stream, raw = open_input(path)
     with raw, stream:
         buf, line = stream.read(READ_BYTES), 1
         stripped = buf.lstrip()
@@ -83,10 +92,17 @@ def read_blocks(path: Path):
             buf = buf[cut:]
 
 
-def fasta_sequences(block: bytes) -> list[bytes]:
-    """The sequence part (header line dropped) of every record of a block."""
-    records = block[1:].split(b"\n>")
-    return [r[r.index(b"\n") + 1:] if b"\n" in r else b"" for r in records]
+def fasta_records(block: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The accessions and the sequence parts of the records of a block."""
+    records = [r.split(b"\n", 1) for r in block[1:].split(b"\n>")]
+    return [accession(r[0]) for r in records], [r[1] if len(r) > 1 else b"" for r in records]
+
+
+def accession(header: bytes) -> bytes:
+    """The first word of a FASTA header (or an mmseqs id), or ACC for UniProt's `sp|ACC|NAME` and `tr|ACC|NAME`."""
+    word = (header.split(None, 1) or [b""])[0]
+    fields = word.split(b"|")
+    return fields[1] if len(fields) == 3 and fields[0] in (b"sp", b"tr") else word
 
 
 def empty_record_line(block: bytes, first_line: int, k: int) -> int:
@@ -98,10 +114,14 @@ def empty_record_line(block: bytes, first_line: int, k: int) -> int:
 
 
 def encode(job):
-    """Tokenize one job: per split, the documents `<cls> residues <eos>` back to back and their lengths."""
+    """Tokenize one job: per split, the documents `<cls> residues <eos>` back to back, their lengths and their
+    accessions (None for a Hugging Face dataset's rows)."""
     label, first_line, first_record, payload, split = job
-    seqs = fasta_sequences(payload) if isinstance(payload, bytes) else [s.encode("ascii", "replace") for s in payload]
-    docs = {s: [] for s in SPLITS}
+    if isinstance(payload, bytes):
+        names, seqs = fasta_records(payload)
+    else:
+        names, seqs = [None] * len(payload), [s.encode("ascii", "replace") for s in payload]
+    docs, accessions = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
     unknown = 0
     for k, seq in enumerate(seqs):
         tokens = seq.translate(TABLE, WHITESPACE)
@@ -110,9 +130,43 @@ def encode(job):
                      else f"{label}, row {first_record + k}")
             raise ValueError(f"{where}: a record with no residues; remove it or fix the file")
         unknown += tokens.count(UNK)
-        docs[split or HELD_OUT.get(first_record + k, "train")].append(tokens)
-    return {s: (b"".join(bytes([CLS]) + d + bytes([EOS]) for d in docs[s]), np.array([len(d) + 2 for d in docs[s]]))
-            for s in SPLITS if docs[s]}, unknown, len(seqs)
+        to = split or HELD_OUT.get(first_record + k, "train")
+        docs[to].append(tokens)
+        accessions[to].append(names[k])
+    return {s: (b"".join(bytes([CLS]) + d + bytes([EOS]) for d in docs[s]), np.array([len(d) + 2 for d in docs[s]]),
+                accessions[s]) for s in SPLITS if docs[s]}, unknown, len(seqs)
+
+
+class Clusters:
+    """The TSV's clusters: member accession -> representative, and the id of each cluster the training split has
+    met so far (ids 0, 1, ... in the order it meets them)."""
+
+    def __init__(self, path: Path):
+        self.path, self.representative, self.index = path, {}, {}
+        try:
+            stream, raw = open_input(path)
+            with raw, stream:
+                for line_number, line in enumerate(stream, 1):
+                    fields = line.rstrip(b"\r\n").split(b"\t")
+                    if len(fields) != 2:
+                        raise ValueError(f"{path}:{line_number}: expected representative<TAB>member, found "
+                                         f"{line[:60]!r}")
+                    representative, member = map(accession, fields)
+                    if self.representative.setdefault(member, representative) != representative:
+                        raise ValueError(f"{path}:{line_number}: {member.decode()} is a member of two clusters "
+                                         f"({self.representative[member].decode()} and {representative.decode()})")
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise ValueError(f"{path}: cannot read it: {e}") from None
+
+    def ids(self, accessions: list) -> np.ndarray:
+        """The cluster id of each training record."""
+        missing = [a.decode(errors="replace") for a in accessions if a not in self.representative]
+        if missing:
+            raise ValueError(f"training record(s) {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} "
+                             f"are no member in --clusters {self.path}; give the TSV of these data, in which every "
+                             "training record is a member of one cluster")
+        return np.array([self.index.setdefault(self.representative[a], len(self.index)) for a in accessions],
+                        dtype=np.int32)
 
 
 class ShardWriter:
@@ -120,9 +174,10 @@ class ShardWriter:
 
     def __init__(self, out: Path, name: str, split: str, limit: int):
         self.out, self.prefix, self.limit = out, f"{name}_{split}", limit
-        self.parts, self.size, self.sequences, self.shards = [], 0, 0, []
+        self.parts, self.ids, self.size, self.sequences, self.shards = [], [], 0, 0, []
 
-    def add(self, tokens: bytes, lengths: np.ndarray):
+    def add(self, tokens: bytes, lengths: np.ndarray, ids=None):
+        """Append documents (with the cluster id of each, if given: then of every document)."""
         ends = np.cumsum(lengths)
         done = 0  # documents of this chunk already placed
         while done < len(lengths):
@@ -133,6 +188,8 @@ class ShardWriter:
                 continue
             fit = max(fit, 1)
             self.parts.append(tokens[offset:ends[done + fit - 1]])
+            if ids is not None:
+                self.ids.append(ids[done:done + fit])
             self.size += int(ends[done + fit - 1] - offset)
             self.sequences += fit
             done += fit
@@ -142,7 +199,11 @@ class ShardWriter:
             path = self.out / f"{self.prefix}_{len(self.shards):06d}.bin"
             sha = write_shard(path, b"".join(self.parts))
             self.shards.append({"file": path.name, "tokens": self.size, "sha256": sha})
-            self.parts, self.size = [], 0
+            if self.ids:
+                ids = cluster_file(path)
+                sha = write_file(ids, np.concatenate(self.ids).astype("<i4").tobytes())
+                self.shards[-1]["clusters"] = {"file": ids.name, "sha256": sha}
+            self.parts, self.ids, self.size = [], [], 0
 
     def summary(self) -> dict:
         return {"sequences": self.sequences, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
@@ -217,16 +278,16 @@ class Progress:
                   f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
 
 
-def run_jobs(jobs, writers, workers: int, progress: Progress) -> int:
+def run_jobs(jobs, writers, workers: int, progress: Progress, clusters: Clusters | None) -> int:
     """Encode jobs over a pool (at most 2 jobs per worker in flight, so input is never all in memory); returns the
-    unknown-character count."""
+    unknown-character count. Results are taken in job order, so cluster ids do not depend on the worker count."""
     unknown = 0
 
     def take(result):
         nonlocal unknown
         docs, unk, _ = result
-        for split, (tokens, lengths) in docs.items():
-            writers[split].add(tokens, lengths)
+        for split, (tokens, lengths, accessions) in docs.items():
+            writers[split].add(tokens, lengths, clusters.ids(accessions) if clusters and split == "train" else None)
             progress.sequences += len(lengths)
             progress.tokens += len(tokens)
         progress.show()
@@ -253,10 +314,10 @@ def check_out(out: Path, name: str) -> None:
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    ours = re.compile(rf"{re.escape(name)}_({'|'.join(SPLITS)})_\d{{6}}\.bin|manifest\.json")
+    ours = re.compile(rf"{re.escape(name)}_(({'|'.join(SPLITS)})_\d{{6}}\.bin|train_\d{{6}}\.clusters)|manifest\.json")
     foreign = sorted(f.name for f in out.iterdir() if not ours.fullmatch(f.name))
     if foreign:
-        raise ValueError(f"--out {out} holds files that are not --name {name} shards or manifest.json "
+        raise ValueError(f"--out {out} holds files that are not --name {name} shards, cluster files or manifest.json "
                          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); this script replaces the "
                          "whole folder, so give a new or empty folder, or move those files away")
 
@@ -293,6 +354,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (about)")
+    p.add_argument("--clusters", type=Path, help="cluster TSV (representative<TAB>member) of the FASTA records: "
+                                                 "writes each training shard's cluster file")
     args = p.parse_args(argv)
     given = [args.fasta is not None, any(x is not None for x in (args.train, args.valid, args.test)),
              args.hf_dataset is not None]
@@ -300,7 +363,9 @@ def main(argv=None):
         p.error("give exactly one source: --fasta FILE, or --train FILE --valid FILE --test FILE, or --hf_dataset NAME")
     if min(args.num_valid, args.num_test) < 0 or args.workers < 1 or args.shard_tokens < 1:
         p.error("--num_valid and --num_test must be >= 0, --workers and --shard_tokens >= 1")
-    for path in (args.fasta, args.train, args.valid, args.test):
+    if args.clusters and args.hf_dataset:
+        p.error("--clusters needs FASTA input: records are matched to the TSV by their accessions")
+    for path in (args.fasta, args.train, args.valid, args.test, args.clusters):
         if path is not None and not path.is_file():
             p.error(f"{path}: no such file")
 
@@ -322,6 +387,10 @@ def main(argv=None):
         source = {s: str(getattr(args, s)) for s in SPLITS}
     if held:
         source.update(seed=args.seed, num_valid=args.num_valid, num_test=args.num_test)
+    clusters = None
+    if args.clusters:
+        clusters = Clusters(args.clusters)
+        source["clusters"] = str(args.clusters)
     HELD_OUT.clear()
     HELD_OUT.update(held)
 
@@ -335,11 +404,13 @@ def main(argv=None):
         unknown = 0
         for jobs, label in sources:
             progress.label, progress.read = label, None
-            unknown += run_jobs(jobs(), writers, args.workers, progress)
+            unknown += run_jobs(jobs(), writers, args.workers, progress, clusters)
         for w in writers.values():
             w.flush()
         manifest = {"name": args.name, "source": source, "splits": {s: w.summary() for s, w in writers.items()},
                     "unknown_characters": unknown, "command": shlex.join(["python"] + sys.argv)}
+        if clusters:  # the documents of an epoch sampled by cluster
+            manifest["splits"]["train"]["clusters"] = len(clusters.index)
         write_manifest(tmp, manifest)
         check_out(out, args.name)  # again: files may have appeared in --out while this ran
         replace_folder(tmp, out)
@@ -347,7 +418,8 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     counts = ", ".join(f"{s} {w.sequences:,} sequences / {w.summary()['tokens']:,} tokens in {len(w.shards)} shards"
                        for s, w in writers.items())
-    print(f"wrote {args.out}: {counts}; {unknown:,} unknown characters -> <unk>; "
+    clustered = f"; the training records in {len(clusters.index):,} clusters" if clusters else ""
+    print(f"wrote {args.out}: {counts}{clustered}; {unknown:,} unknown characters -> <unk>; "
           f"{time.time() - progress.start:.1f} s in all")
     return manifest
 
