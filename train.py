@@ -53,6 +53,8 @@ class Hyperparameters:
     mask_rate: float = flag(0.15, "share of the residues masked in training (evaluation stays at the frozen 15%)")
     mask_scheme: str = flag("mask", "training masks: every chosen residue -> <mask>, or 80/10/10", SCHEMES)
     num_workers: int = flag(4, "loader processes per rank (lowered to the CPU cores there are)")
+    sample_by_cluster: bool = flag(False, "each epoch one member of every training cluster, as ESM-2 trains (needs "
+                                   "shards made with data/prepare.py --clusters)")
     # model
     preset: str = flag("speedrun", "model size and shape (model.py's PRESETS)", list(PRESETS))
     compile: str = flag("model", "CUDA only: model (one graph, fastest), blocks (a graph per kind of block, compiles "
@@ -455,6 +457,9 @@ class Trainer:
         problems = track and track_problems(track, self.data_hash, dataclasses.asdict(a), self.world, devices)
         track_line = ("none (no track has these data and target)" if track is None else
                       track.name if not problems else f"none (not {track.name}: {'; '.join(problems)})")
+        if a.sample_by_cluster:  # the fingerprint covers the shards only: name the clustering sampled by
+            manifest = json.loads((Path(a.data) / "manifest.json").read_text())
+            log.header("clusters sha256: " + " ".join(s["clusters"]["sha256"] for s in manifest["splits"]["train"]["shards"]))
         date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         log.header(f"date: {date}\ndata sha256: {self.data_hash}\ndevices: {', '.join(devices)}\ntrack: {track_line}",
                    kind="run", run_id=self.run_id, date=date, world_size=self.world, devices=devices,
@@ -478,7 +483,8 @@ class Trainer:
         self.baseline = self.letter_frequency_loss(shards["train"][0])
         self.loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=self.rank, world_size=self.world,
                                   seed=a.seed, max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
-                                  num_workers=self.num_workers, pin_memory=device.type == "cuda")
+                                  num_workers=self.num_workers, pin_memory=device.type == "cuda",
+                                  sample_by_cluster=a.sample_by_cluster)
         # every window size the run uses, on the device up front: a per-step copy from pageable host memory would sync
         self.windows = {w: torch.tensor(w, dtype=torch.int32, device=device)
                         for w in {self.window_size(s) for s in range(self.total_steps + 1)}}
