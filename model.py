@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 try:  # Triton comes with CUDA builds of torch; without it (a CPU build, model.py copied out alone) the formula runs
     from triton_kernels import qk_norm_rotary
@@ -217,8 +217,11 @@ class Model(nn.Module):
         cuda = input_ids.is_cuda
         dtype = torch.bfloat16 if cuda else torch.float32
         # built once per forward and shared by every layer
-        mask = block_mask(doc_ids, window) if cuda else create_mask(document_mask(doc_ids, window), None, None,
-                                                                        T, T, device=doc_ids.device)
+        if cuda:
+            mask = block_mask(doc_ids, window)
+        else:  # the same mask_mod on every (query, key) pair at once, by broadcasting
+            idx = torch.arange(T, device=doc_ids.device)
+            mask = document_mask(doc_ids, window)(None, None, idx[:, None], idx[None, :])
         pos = positions(doc_ids)  # a document longer than cfg.max_len fails here with an index error
         rot = self.rope_cos[pos], self.rope_sin[pos]  # float32
         x = x0 = norm(self.embed(input_ids).to(dtype))

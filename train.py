@@ -502,7 +502,7 @@ class Trainer:
     def letter_frequency_loss(self, train_shard) -> float:
         """The validation loss of predicting every masked residue by the training residues' frequencies (from one
         shard): what a model must beat to have learned more than the composition of proteins."""
-        counts = torch.bincount(torch.from_numpy(read_shard(train_shard).view(np.ndarray)), minlength=MASK + 1)
+        counts = torch.from_numpy(np.bincount(read_shard(train_shard), minlength=MASK + 1))
         log_p = (counts.double() / counts.sum()).clamp(min=1e-12).log().to(self.device)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b in self.eval_sets["valid", "mask"]:

@@ -19,11 +19,12 @@ def small_fasta() -> Path:
 
 @pytest.fixture(scope="session")
 def small_shards(small_fasta, tmp_path_factory) -> Path:
-    """Shards of tests_small.fasta made by our own prepare script: 1,800 train, 100 valid, 100 test sequences."""
+    """Shards of the sample made by our own prepare script: 1,900 train, 50 valid, 50 test sequences (few: the
+    CPU evaluates densely)."""
     import subprocess
     import sys
     out = tmp_path_factory.mktemp("small_shards")
     subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(small_fasta), "--out", str(out),
-                    "--name", "small", "--num_valid", "100", "--num_test", "100", "--seed", "0"],
+                    "--name", "small", "--num_valid", "50", "--num_test", "50", "--seed", "0"],
                    check=True, capture_output=True, text=True)
     return out

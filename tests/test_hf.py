@@ -75,7 +75,7 @@ def test_the_tokenizer_encodes_like_prepare(exported, small_fasta):
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
     seqs = fasta_sequences(small_fasta, 50) + ["MKXBUZOJ"]  # rare letters, and J: <unk> in both
     fasta = "".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)).encode()
-    tokens, lengths = encode(("test", 1, 0, fasta, "valid"))[0]["valid"]
+    tokens, lengths, _ = encode(("test", 1, 0, fasta, "valid"))[0]["valid"]
     expected = np.split(np.frombuffer(tokens, dtype=np.uint8), np.cumsum(lengths)[:-1])
     assert [tokenizer(s)["input_ids"] for s in seqs] == [e.tolist() for e in expected]
 
@@ -104,7 +104,7 @@ def test_the_exported_folder_loads_with_the_auto_classes_and_gives_our_logits(ch
 
 def test_scoring_the_exported_folder_gives_train_eval_only_exactly(checkpoint, exported, small_shards, tmp_path):
     out = tmp_path / "scores.json"
-    r = run_hf("score", str(exported), "--data", str(small_shards), "--max_len", "512", "--tokens_per_batch", "2048",
+    r = run_hf("score", str(exported), "--data", str(small_shards), "--max_len", "512", "--tokens_per_batch", "1024",
                "--splits", "valid", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "valid 80/10/10: loss " in r.stdout

@@ -29,7 +29,7 @@ def attempt(small_shards, tmp_path_factory) -> list[Path]:
 def tiny_tracks(attempt) -> dict:
     """A track for the tiny runs: their data, target, --max_len, cadence and (CPU) hardware."""
     fingerprint = json.loads(attempt[0].with_suffix(".jsonl").read_text().splitlines()[0])["data_sha256"]
-    return {"tiny": Track("tiny", "", "", fingerprint, 4.0, 512, 2, 1, ("cpu",), 2048, "", "tiny test track")}
+    return {"tiny": Track("tiny", "", "", fingerprint, 4.0, 512, 2, 1, ("cpu",), 1024, "", "tiny test track")}
 
 
 def copy_logs(paths, folder: Path) -> list[Path]:

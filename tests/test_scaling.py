@@ -91,7 +91,7 @@ def tiny_logs(small_shards, tmp_path_factory) -> list[Path]:
 def test_fit_reads_real_logs(tiny_logs, tmp_path):
     rows = sorted(points(tiny_logs), key=lambda r: r["tokens"])
     assert [r["params"] for r in rows] == [Model(PRESETS["tiny"]).num_params()] * 2  # counted without weights
-    assert [r["tokens"] for r in rows] == [2 * 2048, 4 * 2048]
+    assert [r["tokens"] for r in rows] == [2 * 1024, 4 * 1024]
     for row in rows:
         final = [json.loads(line) for line in Path(row["log"]).with_suffix(".jsonl").read_text().splitlines()
                  if "test_loss" in line]
