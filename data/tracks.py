@@ -43,7 +43,7 @@ TRACKS = {t.name: t for t in [
           100, 8, ("H100", "H200"), 524288,
           "--preset speedrun --max_steps 1000 --val_every 100",
           "the official OMGprot50 benchmark; target: ESM2-150M's frozen-metric score (pending: "
-          "python -m tools.hf score facebook/esm2_t30_150M_UR50D --data data/omgprot50 needs hub access)"),
+          "python -m tools.hf score on a local copy of facebook/esm2_t30_150M_UR50D, README.md says how)"),
 ]}
 DEFAULT = "sp2014"
 
