@@ -39,7 +39,7 @@ if [ ! -f "$DATA/manifest.json" ]; then
         "$PYTHON" data/prepare.py --train "$SOURCE/sp2014_train.fasta.xz" --valid "$SOURCE/sp2014_valid.fasta" \
             --test "$SOURCE/sp2014_test.fasta" --name sp2014 --out "$DATA"
     else
-        $TRACK_BUILD
+        ${TRACK_BUILD/#python /$PYTHON } --out "$DATA"  # the track's public recipe, with this script's Python
     fi
 fi
 if [ $((TRACK_GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then

@@ -160,7 +160,7 @@ def check_args(args: Hyperparameters) -> list[str]:
         p.append(f"--resume {args.resume}: no such checkpoint file")
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
-        builds = [f"    {t.build}" for t in TRACKS.values() if Path(t.data) == data] or [
+        builds = [f"    {t.build} --out {data}" for t in TRACKS.values() if Path(t.data) == data] or [
             "    python data/prepare.py --fasta FILE --out DIR --name NAME    (your own sequences)",
             "    python data/tracks.py                                     (the tracks and their data)"]
         p.append(f"--data {data}: no shard folder there (no manifest.json). Make it with\n" + "\n".join(builds))

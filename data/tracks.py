@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 class Track:
     name: str
     data: str                 # where run.sh keeps the shards
-    build: str                # the command that makes them from public sources
+    build: str                # the command that makes them from public sources, given --out DIR
     fingerprint: str | None   # the shards' `data sha256`; None: not pinned yet (no run with hub access so far)
     target: float | None      # frozen-metric validation loss a record must beat; None: pending
     max_len: int
@@ -31,15 +31,15 @@ class Track:
 
 SP2014_FINGERPRINT = "fe9e012bdcf9f91e5a8f3a843869393941470c6102dc1c7d3169057cac85eaf2"
 TRACKS = {t.name: t for t in [
-    Track("sp2014", "data/sp2014", "python data/sp2014.py --out data/sp2014", SP2014_FINGERPRINT, 2.78, 1024, 140,
+    Track("sp2014", "data/sp2014", "python data/sp2014.py", SP2014_FINGERPRINT, 2.78, 1024, 140,
           1, ("H100",), 65536,
           "--preset sprint --max_steps 700 --val_every 140 --target_val_loss 2.78",
           "Swiss-Prot 2014 split by 50%-identity clusters; early learning (20 s of training)"),
-    Track("sp2014-long", "data/sp2014", "python data/sp2014.py --out data/sp2014", SP2014_FINGERPRINT, 2.61, 1024,
+    Track("sp2014-long", "data/sp2014", "python data/sp2014.py", SP2014_FINGERPRINT, 2.61, 1024,
           1870, 1, ("H100", "H200"), 65536,
           "--preset sprint --max_steps 37400 --val_every 1870 --target_val_loss 2.61",
           "the sp2014 data to a useful model: 2.61, 0.29 nats under the letter-frequency baseline"),
-    Track("omgprot50", "data/omgprot50", "python data/download_omgprot50.py --out data/omgprot50", None, None, 1024,
+    Track("omgprot50", "data/omgprot50", "python data/download_omgprot50.py", None, None, 1024,
           100, 8, ("H100", "H200"), 524288,
           "--preset speedrun --max_steps 1000 --val_every 100",
           "the official OMGprot50 benchmark; target: ESM2-150M's frozen-metric score (pending: "
