@@ -275,9 +275,10 @@ def resume_problems(ckpt: dict, args: Hyperparameters, world: int, data_hash: st
     if saved_world != world:
         p.append(f"it was written by {saved_world} rank(s), this run has {world}; run it with "
                  f"torchrun --nproc_per_node={saved_world} (or the same number of ranks over several nodes)")
-    for name in ("tokens_per_rank", "grad_accum", "max_len", "seed"):
-        if saved[name] != getattr(args, name):
-            p.append(f"it was trained with --{name} {saved[name]}, not {getattr(args, name)}; pass --{name} {saved[name]}")
+    for name in ("tokens_per_rank", "grad_accum", "max_len", "seed", "sample_by_cluster"):
+        was = saved.get(name, False)  # checkpoints older than --sample_by_cluster did not sample by cluster
+        if was != getattr(args, name):
+            p.append(f"it was trained with --{name} {was}, not {getattr(args, name)}; pass --{name} {was}")
     if ckpt["data_sha256"] != data_hash:
         p.append(f"it was trained on other data (sha256 {ckpt['data_sha256']}) than --data {args.data} ({data_hash}); "
                  "resume with the data it was trained on")

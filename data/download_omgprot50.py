@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -30,7 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from dataloader import shard_tokens, write_manifest
+from dataloader import file_sha256, shard_tokens, write_manifest
 
 REPO = "Synthyra/omg_prot50_packed"
 SHARD = re.compile(r"(?P<prefix>.+)_(?P<split>train|val|valid|test)_(?P<index>\d{6})\.bin")
@@ -86,14 +85,6 @@ def remote_shards(repo: str, num_chunks: int | None) -> list:
         raise ValueError(f"the hub dataset {repo} holds no *_train/valid/test_NNNNNN.bin shards")
     is_train = [SHARD.fullmatch(Path(f["path"]).name)["split"] == "train" for f in files]
     return [f for f, t in zip(files, is_train) if not t] + [f for f, t in zip(files, is_train) if t][:num_chunks]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def size(n: float) -> str:
@@ -186,7 +177,7 @@ def main(argv=None):
     for file in files:
         target = args.out / local_name(file["path"])
         if target.exists():
-            if target.stat().st_size == file["size"] and sha256(target) == file["sha256"]:
+            if target.stat().st_size == file["size"] and file_sha256(target) == file["sha256"]:
                 verified[target.name] = file["sha256"]
                 continue
             print(f"{target} differs from the hub's {file['path']}: fetching it again", file=sys.stderr)
@@ -197,7 +188,7 @@ def main(argv=None):
                             for f, p in zip(todo, parts)))
     for file, part in zip(todo, parts):
         fetch(args.repo, file, part, progress)
-        got = sha256(part)
+        got = file_sha256(part)
         if got != file["sha256"]:
             part.unlink()
             raise ValueError(f"{file['path']} as downloaded from {args.repo} has sha256 {got}, not the "
