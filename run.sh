@@ -47,6 +47,9 @@ if [ $((TRACK_GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
     exit 1
 fi
 TOKENS_PER_RANK=$((TRACK_GLOBAL_BATCH / NGPU < 65536 ? TRACK_GLOBAL_BATCH / NGPU : 65536))
+# torchrun of this script's Python (a bare torchrun may be another environment's, or not on PATH)
 # shellcheck disable=SC2086  # the record's flags are words
-exec torchrun --standalone --nproc_per_node="$NGPU" train.py --data "$DATA" $TRACK_RECORD \
-    --tokens_per_rank $TOKENS_PER_RANK --grad_accum $((TRACK_GLOBAL_BATCH / NGPU / TOKENS_PER_RANK)) "$@"
+CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --data "$DATA" $TRACK_RECORD
+     --tokens_per_rank "$TOKENS_PER_RANK" --grad_accum $((TRACK_GLOBAL_BATCH / NGPU / TOKENS_PER_RANK)) "$@")
+echo "run.sh: track $TRACK_NAME's record on $NGPU GPU(s): ${CMD[*]}"
+exec "${CMD[@]}"
