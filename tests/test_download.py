@@ -180,3 +180,53 @@ def test_tokenize_builds_shards_with_prepare(tmp_path):
     assert [manifest["splits"][s]["sequences"] for s in ("train", "valid", "test")] == [24, 3, 3]
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert read_shard(out / "omg_prot50_train_000000.bin").sum() > 0
+
+
+def test_run_sh_downloads_the_track_then_launches_its_record(hub, small_shards, tmp_path):
+    """`TRACK=omgprot50 bash run.sh`, the real script, against the loopback hub serving real shards (prepare.py's
+    of the sample, in the hub's names): it downloads them into DATA, then launches train.py with the track's
+    record flags and the batch split for NGPU=1. This host has no GPU, so train.py then refuses the record's
+    65,536-token micro-batch with its one-line CPU-memory message: that refusal, made by train.py from the flags
+    it parsed, is what shows the launch. A second run finds the data and downloads nothing."""
+    from data.tracks import TRACKS
+    from dataloader import verified_fingerprint
+    from model import PRESETS
+    track = TRACKS["omgprot50"]
+    if PRESETS["speedrun"].n_head * 65536 ** 2 * 4 <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
+        pytest.skip("this host's memory would let train.py train the record on the CPU instead of refusing it")
+    for p in hub.folder.iterdir():
+        p.unlink()
+    for split, remote in [("train", "train_000001"), ("valid", "val_000000"), ("test", "test_000000")]:
+        (hub.folder / f"omgprot50_{remote}.bin").write_bytes((small_shards / f"small_{split}_000000.bin").read_bytes())
+    data = tmp_path / "omgprot50"
+    env = {**os.environ, "TRACK": "omgprot50", "DATA": str(data), "NGPU": "1", "PYTHON": sys.executable,
+           "CUDA_VISIBLE_DEVICES": "", "PIP_NO_INDEX": "1"}  # the CPU even on a GPU host; pip never goes online
+
+    def run_sh(ngpu):
+        return subprocess.run(["bash", str(REPO / "run.sh")], env={**env, "NGPU": ngpu}, capture_output=True,
+                              text=True, timeout=120)
+
+    r = run_sh("1")
+    out = r.stdout + r.stderr
+    assert "run.sh: track omgprot50's data are missing" in r.stdout, out
+    assert "fetching omgprot50_train_000001.bin" in r.stderr and " left; all: " in r.stderr  # progress
+    assert sorted(hub.fetched) == [(p.name, 0) for p in sorted(hub.folder.iterdir())]
+    assert sorted(p.name for p in data.iterdir()) == [  # no partial download left
+        "manifest.json", "omgprot50_test_000000.bin", "omgprot50_train_000001.bin", "omgprot50_valid_000000.bin"]
+    same_as_hub(data, hub)
+    verified_fingerprint(data)  # train.py's check of a data folder passes
+    # the launch: the record's flags, its 524,288-token batch as 1 GPU x 8 micro-batches x 65,536 tokens
+    assert track.global_batch == 1 * 8 * 65536
+    assert (f"run.sh: track omgprot50's record on 1 GPU(s): {sys.executable} -m torch.distributed.run --standalone "
+            f"--nproc_per_node=1 train.py --data {data} {track.record} --tokens_per_rank 65536 --grad_accum 8\n"
+            ) in r.stdout, out
+    assert r.returncode == 1, out
+    assert re.search(r"^train\.py: error: --tokens_per_rank 65536 needs about \d+ GiB on the CPU.* speedrun's heads",
+                     r.stderr, re.M), out
+    assert f'File "{REPO / "train.py"}"' not in out  # train.py refused, it did not crash (the traceback there is
+    # torchrun's, which reports any rank's failure so)
+    # again: the data are there, nothing is fetched; 3 GPUs cannot split the batch, refused before any launch
+    hub.fetched.clear()
+    r = run_sh("3")
+    assert r.returncode == 1 and hub.fetched == [] and "missing" not in r.stdout, r.stdout + r.stderr
+    assert r.stderr == "run.sh: 3 GPUs cannot share the record's 524288-token batch evenly; set NGPU to 1, 2, 4 or 8\n"
