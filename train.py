@@ -683,8 +683,14 @@ class Trainer:
                  train_time_ms=self.train_ms)
         if self.saved_step != step:
             self.save(step)
-        if self.master and a.hf_repo:
-            push_to_hub(self.checkpoint_dir / f"step_{step:06d}.pt", a.hf_repo, log)
+        if self.master and a.hf_repo:  # a failed upload must never lose a finished run: its checkpoint is on disk
+            path = self.checkpoint_dir / f"step_{step:06d}.pt"
+            try:
+                from tools.hf import push_to_hub  # bookkeeping, not among the logged sources (a rebuilt run lacks it)
+                log.line(f"pushed {path} to {push_to_hub(path, a.hf_repo)}")
+            except Exception as e:  # noqa: BLE001 - any failure here is only a warning
+                log.line(f"WARNING: could not push {path} to {a.hf_repo}: {type(e).__name__}: {e}. The checkpoint "
+                         "stays on disk.")
         return final
 
     def evaluate_checkpoint(self) -> dict:
@@ -698,18 +704,6 @@ class Trainer:
             self.log.close(ok)
         if self.loader:
             self.loader.close()
-
-
-def push_to_hub(path: Path, repo: str, log: RunLog):
-    """A failed upload must never lose a finished run: the checkpoint is already on disk."""
-    try:
-        from huggingface_hub import HfApi
-        api = HfApi()
-        api.create_repo(repo, exist_ok=True)
-        api.upload_file(path_or_fileobj=str(path), path_in_repo="model.pt", repo_id=repo)
-        log.line(f"pushed {path} to https://huggingface.co/{repo}")
-    except Exception as e:  # noqa: BLE001 - any failure here is only a warning
-        log.line(f"WARNING: could not push {path} to {repo}: {type(e).__name__}: {e}. The checkpoint stays on disk.")
 
 
 def main(args: Hyperparameters) -> dict:

@@ -13,7 +13,8 @@ cross-entropy and accuracy) for such a folder or any EsmForMaskedLM folder (ESM-
 gives exactly the losses of `train.py --eval_only` on the checkpoint. A model with another vocabulary (AMPLIFY's,
 say) is scored on the same masked residues through its own token ids, with cross-entropy over its whole
 vocabulary. `--protocol reference` scores instead with the published evaluator of the OMGprot50 numbers (see
-reference_batches). transformers and safetensors are needed here only: training never imports this module.
+reference_batches). transformers and safetensors are needed here only. train.py imports this module only to push
+a finished run's checkpoint (--hf_repo, push_to_hub); training itself never does.
 """
 import argparse
 import dataclasses
@@ -76,6 +77,15 @@ def save_tokenizer(out: Path, max_len: int) -> None:
     from transformers import EsmTokenizer
     (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     EsmTokenizer(str(out / "vocab.txt"), model_max_length=max_len).save_pretrained(out)
+
+
+def push_to_hub(path: Path, repo: str) -> str:
+    """train.py --hf_repo: upload a run's final checkpoint as REPO/model.pt; returns the repo's address."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_file(path_or_fileobj=str(path), path_in_repo="model.pt", repo_id=repo)
+    return f"https://huggingface.co/{repo}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
