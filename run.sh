@@ -47,9 +47,16 @@ if [ $((TRACK_GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
     exit 1
 fi
 TOKENS_PER_RANK=$((TRACK_GLOBAL_BATCH / NGPU < 65536 ? TRACK_GLOBAL_BATCH / NGPU : 65536))
-# torchrun of this script's Python (a bare torchrun may be another environment's, or not on PATH)
-# shellcheck disable=SC2086  # the record's flags are words
-CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --data "$DATA" $TRACK_RECORD
-     --tokens_per_rank "$TOKENS_PER_RANK" --grad_accum $((TRACK_GLOBAL_BATCH / NGPU / TOKENS_PER_RANK)) "$@")
-echo "run.sh: track $TRACK_NAME's record on $NGPU GPU(s): ${CMD[*]}"
-exec "${CMD[@]}"
+# shellcheck disable=SC2206  # the record's flags are words
+ARGS=(--standalone --nproc_per_node="$NGPU" train.py --data "$DATA" $TRACK_RECORD
+      --tokens_per_rank "$TOKENS_PER_RANK" --grad_accum $((TRACK_GLOBAL_BATCH / NGPU / TOKENS_PER_RANK)) "$@")
+echo "run.sh: track $TRACK_NAME's record on $NGPU GPU(s): torchrun ${ARGS[*]}"
+# torchrun, as this script's Python runs it (a bare torchrun may be another environment's, or not on PATH), minus
+# the launcher's traceback when a rank fails: train.py has already said why in one line
+exec "$PYTHON" -c 'import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+try:
+    run(parse_args(sys.argv[1:]))
+except ChildFailedError:
+    sys.exit(1)' "${ARGS[@]}"
