@@ -19,6 +19,7 @@ except ImportError:
     qk_norm_rotary = None
 
 BLOCK = 128  # FlexAttention's block size; the trainer makes T a multiple of it
+COMPILE_MODES = ("model", "blocks", "none")  # of compiled(): train.py --compile
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,12 @@ def attend(q, k, v, mask: BlockMask | torch.Tensor) -> torch.Tensor:
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y[0].transpose(0, 1)
+
+
+def cpu_attention_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """What attention holds at once on the CPU for a buffer of `tokens`: every head's T x T float32 scores (SDPA
+    with a dense mask has no fused kernel there)."""
+    return cfg.n_head * tokens ** 2 * 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,3 +262,17 @@ class Model(nn.Module):
         c = self.cfg
         matrix_params = c.n_layer * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_mlp)
         return 6 * matrix_params + 12 * c.n_layer * c.d_model * mean_doc_len
+
+
+def compiled(model: Model, mode: str) -> Model:
+    """The model to call: compiled whole ("model"), with each block compiled ("blocks") or eager ("none"). Blocks
+    share their compiled code (the parameters are graph inputs), so the compile time of "blocks" does not grow with
+    depth; the graphs stop at block boundaries, which costs the fusions across them."""
+    if mode == "model":
+        return torch.compile(model, dynamic=False, fullgraph=True)
+    if mode == "blocks":
+        # the blocks share one code cache: 3 kinds (the first, with value embeddings, without) x (train, eval) = 6
+        # graphs, within dynamo's recompile_limit of 8; with fullgraph, one more would stop the run, not slow it
+        for block in model.blocks:
+            block.compile(dynamic=False, fullgraph=True)
+    return model

@@ -29,13 +29,12 @@ from torch._functorch import config as functorch_config
 
 from data.tracks import TRACKS, track_of, track_problems
 from dataloader import MASK, TrainLoader, eval_batches, read_shard, verified_fingerprint
-from model import PRESETS, Model, triton_qk_norm
+from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, triton_qk_norm
 from optimizer import build_optimizer
 
 REPO = Path(__file__).resolve().parent
 SOURCE_FILES = ["train.py", "model.py", "triton_kernels.py", "optimizer.py", "dataloader.py", "data/tracks.py"]
 SCHEMES = ("mask", "80/10/10")  # masking schemes: of --mask_scheme, and of the frozen sets
-COMPILE_MODES = ("model", "blocks", "none")
 
 
 def flag(default, help: str, choices=None):
@@ -345,25 +344,6 @@ def metric_key(split: str, scheme: str) -> str:
     return split if scheme == "mask" else f"{split}_801010"
 
 
-def compiled(model: Model, mode: str) -> Model:
-    """The model to call: compiled whole, or with each block compiled. Blocks share their compiled code (the
-    parameters are graph inputs), so the compile time of "blocks" does not grow with depth; the graphs stop at block
-    boundaries, which costs the fusions across them."""
-    if mode == "model":
-        return torch.compile(model, dynamic=False, fullgraph=True)
-    if mode == "blocks":
-        # the blocks share one code cache: 3 kinds (the first, with value embeddings, without) x (train, eval) = 6
-        # graphs, within dynamo's recompile_limit of 8; with fullgraph, one more would stop the run, not slow it
-        for block in model.blocks:
-            block.compile(dynamic=False, fullgraph=True)
-    return model
-
-
-def cpu_attention_bytes(args: Hyperparameters) -> int:
-    """What the CPU's attention holds at once: every head's T x T float32 scores (it has no fused kernel)."""
-    return PRESETS[args.preset].n_head * args.tokens_per_rank ** 2 * 4
-
-
 def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f}min" if seconds >= 600 else f"{seconds:.0f}s"
 
@@ -390,8 +370,9 @@ class Trainer:
             dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
         self.master = self.rank == 0
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
-        if not cuda and cpu_attention_bytes(a) > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
-            raise RunError(f"--tokens_per_rank {a.tokens_per_rank} needs about {cpu_attention_bytes(a) / 2**30:.0f} GiB "
+        cpu_bytes = cpu_attention_bytes(PRESETS[a.preset], a.tokens_per_rank)
+        if not cuda and cpu_bytes > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
+            raise RunError(f"--tokens_per_rank {a.tokens_per_rank} needs about {cpu_bytes / 2**30:.0f} GiB "
                            f"on the CPU, which holds the {a.tokens_per_rank} x {a.tokens_per_rank} attention scores of "
                            f"each of {a.preset}'s heads at once; pass --tokens_per_rank 4096, or train on a GPU")
 

@@ -3,8 +3,8 @@ float32 CPU path with dense attention computes, forward and backward."""
 import pytest
 import torch
 
-import train
 from model import Model, ModelConfig
+from model import compiled as compile_model
 from test_model import make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,7 +32,7 @@ def test_compiled_gpu_model_matches_eager_cpu_model(window, mode):
     cpu = perturbed_model()
     gpu = Model(CFG).cuda()
     gpu.load_state_dict(cpu.state_dict())
-    compiled = train.compiled(gpu, mode)
+    compiled = compile_model(gpu, mode)
     batch = make_batch([1000, 37, 600, 900, 5, 300, 1024, 250], seed=7)
     w = torch.tensor(window, dtype=torch.int32)
     everywhere = torch.arange(len(batch[0]))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from model import PRESETS
+from model import PRESETS, compiled
 from tools import bench
 from train import Hyperparameters
 
@@ -247,7 +247,7 @@ def test_compiling_blocks_makes_the_same_graphs_at_any_depth(monkeypatch, fresh_
     ref.backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    assert train.compiled(model, "blocks") is model
+    assert compiled(model, "blocks") is model
     loss = model(*batch, w)
     loss.backward()
     assert counters["stats"]["unique_graphs"] == 3
