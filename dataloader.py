@@ -1,4 +1,5 @@
-"""Vocabulary, shard format, the multi-worker training loader that masks on the fly, and the frozen evaluation batches.
+"""Vocabulary, shard format, the multi-worker training loader that masks on the fly, the frozen evaluation batches
+and the letter-frequency baseline on them.
 
 A shard `{name}_{split}_{NNNNNN}.bin` is a header of 256 little-endian int32 (magic 20240520, version 1, token
 count, zeros) followed by one uint8 per token: documents `<cls> residues <eos>` back to back (the format of the
@@ -486,3 +487,16 @@ def eval_batches(files, tokens_per_batch: int, scheme: str = "mask", mask_rate: 
         raw.append((ids, doc_ids, mask_idx[order], np.concatenate([d[2] for d in docs[a:b]])[order]))
     # mask_idx padded to the batch length: every evaluation set then has one shape, so one compiled graph serves all
     return [to_batch(*r, tokens_per_batch) for r in raw]
+
+
+def letter_frequency_totals(train_shard, batches: list[Batch], device) -> torch.Tensor:
+    """The letter-frequency baseline on evaluation batches: [its cross-entropy summed over their masked tokens, their
+    count] (float64, on `device`) when every masked residue is predicted by the token frequencies of one training
+    shard. A model must beat it to have learned more than the composition of proteins."""
+    counts = torch.from_numpy(np.bincount(read_shard(train_shard), minlength=MASK + 1))
+    log_p = (counts.double() / counts.sum()).clamp(min=1e-12).log().to(device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in batches:
+        targets = b.targets[b.targets != -100]
+        totals += torch.stack([-log_p[targets].sum(), torch.tensor(len(targets), device=device)])
+    return totals

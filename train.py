@@ -21,14 +21,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 
 from data.tracks import TRACKS, track_of, track_problems
-from dataloader import MASK, TrainLoader, eval_batches, read_shard, verified_fingerprint
+from dataloader import TrainLoader, eval_batches, letter_frequency_totals, verified_fingerprint
 from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, triton_qk_norm
 from optimizer import build_optimizer
 
@@ -462,7 +461,9 @@ class Trainer:
             shards[split], a.tokens_per_rank, scheme=scheme, max_len=a.max_len)[self.rank::self.world]]
             for split in ("valid", "test") for scheme in SCHEMES}
         self.full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
-        self.baseline = self.letter_frequency_loss(shards["train"][0])
+        totals = letter_frequency_totals(shards["train"][0], self.eval_sets["valid", "mask"], device)
+        loss_sum, count = all_reduce_sum(totals).tolist()
+        self.baseline = loss_sum / count  # the letter-frequency baseline's validation loss
         self.loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=self.rank, world_size=self.world,
                                   seed=a.seed, max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
                                   num_workers=self.num_workers, pin_memory=device.type == "cuda",
@@ -480,18 +481,6 @@ class Trainer:
         if self.master:
             self.log.line(f"log: {self.log.path('running', '.txt')} (renamed {self.run_id}.txt when the run ends) | "
                           f"checkpoints: {self.checkpoint_dir}/")
-
-    def letter_frequency_loss(self, train_shard) -> float:
-        """The validation loss of predicting every masked residue by the training residues' frequencies (from one
-        shard): what a model must beat to have learned more than the composition of proteins."""
-        counts = torch.from_numpy(np.bincount(read_shard(train_shard), minlength=MASK + 1))
-        log_p = (counts.double() / counts.sum()).clamp(min=1e-12).log().to(self.device)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b in self.eval_sets["valid", "mask"]:
-            targets = b.targets[b.targets != -100]
-            totals += torch.stack([-log_p[targets].sum(), torch.tensor(len(targets), device=self.device)])
-        loss_sum, count = all_reduce_sum(totals).tolist()
-        return loss_sum / count
 
     def window_size(self, step: int) -> int:
         return window_size(step, self.total_steps, self.args)
