@@ -6,6 +6,7 @@ follows modded-nanogpt: pre-norm RMSNorm without weights, QK-norm, ReLU² MLP, v
 residual mixing with the input embedding and a soft-capped head. Parameters are stored in float32; on CUDA the
 activations run in bfloat16 (weights are cast where they are used), on the CPU everything stays in float32.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,13 @@ def cpu_attention_bytes(cfg: ModelConfig, tokens: int) -> int:
     """What attention holds at once on the CPU for a buffer of `tokens`: every head's T x T float32 scores (SDPA
     with a dense mask has no fused kernel there)."""
     return cfg.n_head * tokens ** 2 * 4
+
+
+def window_size(step: int, total: int, start: int, max_len: int) -> int:
+    """The sliding window in tokens at `step` of `total`: grown linearly from `start` to max_len in multiples of the
+    attention block. A function of the step alone, so a resumed run continues it exactly."""
+    size = start + (max_len - start) * step / max(total - 1, 1)
+    return min(BLOCK * math.ceil(size / BLOCK), max_len) if start < max_len else max_len
 
 
 # ----------------------------------------------------------------------------------------------------------------

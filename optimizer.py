@@ -1,4 +1,5 @@
-"""Muon for the hidden weight matrices, Adam for everything else, and all the gradient communication between ranks.
+"""Muon for the hidden weight matrices, Adam for everything else, all the gradient communication between ranks, and
+the learning-rate and momentum schedules.
 
 There is no DDP wrapper: the trainer accumulates local gradients and step() averages them. Muon gradients are
 reduce-scattered so that every rank receives whole matrices, orthogonalizes only its share and all-gathers the
@@ -158,3 +159,23 @@ def build_optimizer(model: nn.Module, muon_lr: float = 0.05, muon_momentum: floa
     for g in groups:
         g["initial_lr"] = g["lr"]
     return MuonAdam(groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedules: functions of the step alone, so a resumed run continues them exactly (model.window_size is the third)
+
+def lr_multiplier(step: int, total: int, warmup_frac: float, cooldown_frac: float) -> float:
+    """What multiplies every group's initial_lr at `step` of `total`: a linear warm-up over the first warmup_frac of
+    the run, then 1, then a linear decay to zero over its last cooldown_frac."""
+    warmup, cooldown = round(warmup_frac * total), round(cooldown_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < total - cooldown:
+        return 1.0
+    return (total - step) / max(cooldown, 1)
+
+
+def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """Muon's momentum at `step`: linear from `start` to `end` over warmup_steps, then `end`."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
+    return (1 - frac) * start + frac * end

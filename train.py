@@ -28,8 +28,8 @@ from torch._functorch import config as functorch_config
 
 from data.tracks import TRACKS, track_of, track_problems
 from dataloader import TrainLoader, eval_batches, letter_frequency_totals, verified_fingerprint
-from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, triton_qk_norm
-from optimizer import build_optimizer
+from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, triton_qk_norm, window_size
+from optimizer import build_optimizer, lr_multiplier, muon_momentum
 
 REPO = Path(__file__).resolve().parent
 SOURCE_FILES = ["train.py", "model.py", "triton_kernels.py", "optimizer.py", "dataloader.py", "data/tracks.py"]
@@ -294,29 +294,7 @@ def set_rng_states(states: dict):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# schedules: functions of the step alone, so a resumed run continues them exactly
-
-def lr_multiplier(step: int, total: int, args: Hyperparameters) -> float:
-    warmup, cooldown = round(args.warmup_frac * total), round(args.cooldown_frac * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step < total - cooldown:
-        return 1.0
-    return (total - step) / max(cooldown, 1)
-
-
-def muon_momentum(step: int, args: Hyperparameters) -> float:
-    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
-    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
-
-
-def window_size(step: int, total: int, args: Hyperparameters) -> int:
-    """Sliding-window size in tokens, grown linearly to max_len in multiples of the 128-token attention block."""
-    size = args.window_start + (args.max_len - args.window_start) * step / max(total - 1, 1)
-    return min(128 * math.ceil(size / 128), args.max_len) if args.window_start < args.max_len else args.max_len
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# frozen evaluation: metrics summed over every masked token of a set, on all ranks
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
@@ -483,7 +461,7 @@ class Trainer:
                           f"checkpoints: {self.checkpoint_dir}/")
 
     def window_size(self, step: int) -> int:
-        return window_size(step, self.total_steps, self.args)
+        return window_size(step, self.total_steps, self.args.window_start, self.args.max_len)
 
     def run_evals(self, splits, schemes=SCHEMES) -> dict:
         results = {}
@@ -499,10 +477,12 @@ class Trainer:
         by their count, so each token weighs the same however they fall into buffers. Returns this rank's share of
         the step's loss as a device tensor (no host sync): summed over ranks, it is the step's loss."""
         a = self.args
+        lr = lr_multiplier(step, self.total_steps, a.warmup_frac, a.cooldown_frac)
+        momentum = muon_momentum(step, a.muon_momentum_start, a.muon_momentum, a.muon_momentum_warmup_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier(step, self.total_steps, a)
+            group["lr"] = group["initial_lr"] * lr
             if "momentum" in group:
-                group["momentum"] = muon_momentum(step, a)
+                group["momentum"] = momentum
         window = self.windows[self.window_size(step)]
         batches = [next(self.loader).to(self.device) for _ in range(a.grad_accum)]
         count = all_reduce_sum(sum((b.targets != -100).sum() for b in batches).float()).clamp(min=1)
