@@ -355,7 +355,11 @@ class Trainer:
 
         # everything that can be refused is checked before anything is logged or built
         self.run_id = self.broadcast(str(uuid.uuid4()))
-        self.data_hash = self.broadcast(self.data_check())
+        try:  # rank 0 checks every shard against the manifest; every rank then stops with its error, if any
+            data_hash = verified_fingerprint(a.data) if self.master else None
+        except ValueError as e:
+            data_hash = e
+        self.data_hash = self.broadcast(data_hash)
         if isinstance(self.data_hash, Exception):
             raise RunError(str(self.data_hash))
         self.ckpt = None
@@ -388,14 +392,13 @@ class Trainer:
         dist.broadcast_object_list(box)
         return box[0]
 
-    def data_check(self):
-        """The data fingerprint once rank 0 has checked every shard against the manifest, or the error."""
-        if not self.master:
-            return None
-        try:
-            return verified_fingerprint(self.args.data)
-        except ValueError as e:
-            return e
+    def gather(self, value) -> list:
+        """Every rank's value, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
     def write_header(self):
         a, log = self.args, self.log
@@ -406,12 +409,7 @@ class Trainer:
         log.header("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {self.world})")
         log.header("hyperparameters: " + json.dumps(dataclasses.asdict(a)))
         log.header(environment())
-        devices = [None] * self.world
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        if self.distributed:
-            dist.all_gather_object(devices, name)
-        else:
-            devices = [name]
+        devices = self.gather(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
         track = track_of(self.data_hash, dataclasses.asdict(a))
         problems = track and track_problems(track, self.data_hash, dataclasses.asdict(a), self.world, devices)
         track_line = ("none (no track has these data and target)" if track is None else
@@ -507,18 +505,12 @@ class Trainer:
         for step in range(2):
             self.train_step(step)
         evaluate(self.model, self.eval_sets["valid", "mask"][:1], self.full_window)  # every eval batch has its shapes
-        self.raw_model.load_state_dict(initial["model"])
-        self.optimizer.load_state_dict(initial["optimizer"])
-        self.loader.load_state_dict(initial["loader"])
-        set_rng_states(initial["rng"])
+        self.load_state(initial, initial["loader"])
         # where the loop starts: the step, the clock, the first step at the target, and the training loss summed
         # over all ranks since the last log line (all kept in checkpoints)
         self.start_step, self.train_ms, self.target_reached, pending_loss, self.loss_steps = 0, 0.0, None, 0.0, 0
         if ckpt:
-            self.raw_model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.loader.load_state_dict(ckpt["loader"][self.rank])
-            set_rng_states(ckpt["rng"])
+            self.load_state(ckpt, ckpt["loader"][self.rank])
             self.start_step, self.train_ms, self.loss_steps = ckpt["step"], ckpt["train_ms"], ckpt["loss_steps"]
             self.target_reached = ckpt["target_reached"]
             pending_loss = ckpt["pending_loss"] if self.master else 0.0  # all-reduced at the next log line
@@ -532,6 +524,13 @@ class Trainer:
         compile_s = time.perf_counter() - t
         self.log.line(f"compile and warm-up: {compile_s:.1f}s")
         return compile_s
+
+    def load_state(self, state: dict, loader_state: dict):
+        """The model, optimizer, loader and random generators as `state` (a checkpoint, or warm_up's copy) has them."""
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(loader_state)
+        set_rng_states(state["rng"])
 
     def train(self) -> int:
         """The training loop, the only place the clock runs. Step s's log line, evaluation and checkpoint all come
@@ -594,11 +593,7 @@ class Trainer:
         if not (finite.all().item() and math.isfinite(pending)):  # a diverged state never replaces a good checkpoint
             raise RunError(f"non-finite training loss or weights at step {step}; the last good checkpoint stays in "
                            f"{self.checkpoint_dir}. Try a lower learning rate.")
-        loader_states = [None] * self.world
-        if self.distributed:
-            dist.all_gather_object(loader_states, self.loader.state_dict())
-        else:
-            loader_states = [self.loader.state_dict()]
+        loader_states = self.gather(self.loader.state_dict())
         optimizer_state = self.optimizer.state_dict()  # a collective: every rank gathers the Muon momenta
         if self.master:
             save_checkpoint(self.checkpoint_dir / f"step_{step:06d}.pt",
