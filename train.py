@@ -287,12 +287,6 @@ def rng_states() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_states(states: dict):
-    torch.set_rng_state(states["cpu"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # frozen evaluation: metrics summed over every masked token of a set, on all ranks
 
@@ -530,7 +524,9 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(loader_state)
-        set_rng_states(state["rng"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def train(self) -> int:
         """The training loop, the only place the clock runs. Step s's log line, evaluation and checkpoint all come
