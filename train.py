@@ -520,7 +520,7 @@ class Trainer:
         return compile_s
 
     def load_state(self, state: dict, loader_state: dict):
-        """The model, optimizer, loader and random generators as `state` (a checkpoint, or warm_up's copy) has them."""
+        """Model, optimizer, loader and random generators as `state` (a checkpoint, or warm_up's copy) has them."""
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(loader_state)
