@@ -19,12 +19,12 @@ def small_fasta() -> Path:
 
 @pytest.fixture(scope="session")
 def small_shards(small_fasta, tmp_path_factory) -> Path:
-    """Shards of the sample made by our own prepare script: 1,900 train, 50 valid, 50 test sequences (few: the
+    """Shards of the sample made by our own prepare script: 1,950 train, 25 valid, 25 test sequences (few: the
     CPU evaluates densely)."""
     import subprocess
     import sys
     out = tmp_path_factory.mktemp("small_shards")
     subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--fasta", str(small_fasta), "--out", str(out),
-                    "--name", "small", "--num_valid", "50", "--num_test", "50", "--seed", "0"],
+                    "--name", "small", "--num_valid", "25", "--num_test", "25", "--seed", "0"],
                    check=True, capture_output=True, text=True)
     return out

@@ -107,17 +107,17 @@ def test_bad_fasta_names_file_and_line(tmp_path, text, where, message):
 
 def test_split_is_seeded_disjoint_and_complete(small_fasta, small_shards, tmp_path):
     manifest = json.loads((small_shards / "manifest.json").read_text())
-    assert [manifest["splits"][s]["sequences"] for s in ("train", "valid", "test")] == [1900, 50, 50]
+    assert [manifest["splits"][s]["sequences"] for s in ("train", "valid", "test")] == [1950, 25, 25]
     split = {s: docs_of(shards(small_shards, s)) for s in ("train", "valid", "test")}
     lines = small_fasta.read_text().split("\n")
     everything = sorted(encode(s) for s in lines[1::2] if s)
     assert sorted(split["train"] + split["valid"] + split["test"]) == everything
     assert not set(split["valid"]) & set(split["train"]) and not set(split["test"]) & set(split["train"])
     # the same seed gives the same shards (also from 2 processes); another seed another split
-    again, out = run_prepare(tmp_path / "a", "--fasta", small_fasta, "--num_valid", 50, "--num_test", 50,
+    again, out = run_prepare(tmp_path / "a", "--fasta", small_fasta, "--num_valid", 25, "--num_test", 25,
                              "--workers", 2)
     assert sha256s(again) == sha256s(manifest)
-    other, _ = run_prepare(tmp_path / "b", "--fasta", small_fasta, "--num_valid", 50, "--num_test", 50,
+    other, _ = run_prepare(tmp_path / "b", "--fasta", small_fasta, "--num_valid", 25, "--num_test", 25,
                            "--seed", 1)
     assert other["splits"]["valid"]["shards"][0]["sha256"] != manifest["splits"]["valid"]["shards"][0]["sha256"]
 
@@ -372,7 +372,7 @@ def test_eval_masks_are_frozen(small_shards):
     assert all(len(b.input_ids) == 4096 and len(b.mask_idx) == len(a[0].mask_idx) for b in a)
     assert all(same(x, y) for x, y in zip(a, eval_batches(files, 4096, max_len=256)))
     seqs = per_sequence_masks(a)
-    assert len(seqs) == 50
+    assert len(seqs) == 25
     # the same masks for any batch size, so for any world size taking batches [rank::world]
     assert per_sequence_masks(eval_batches(files, 8192, max_len=256)) == seqs
     whole = docs_of(files)
