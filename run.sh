@@ -31,6 +31,10 @@ if [ "$NGPU" -eq 0 ]; then
 fi
 
 eval "$("$PYTHON" data/tracks.py "${TRACK:-sp2014}")"
+if [ $((TRACK_GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
+    echo "run.sh: $NGPU GPUs cannot share the record's $TRACK_GLOBAL_BATCH-token batch evenly; set NGPU to 1, 2, 4 or 8" >&2
+    exit 1
+fi
 DATA=${DATA:-$TRACK_DATA}
 SOURCE=${SOURCE:-../shared/data}
 if [ ! -f "$DATA/manifest.json" ]; then
@@ -42,21 +46,20 @@ if [ ! -f "$DATA/manifest.json" ]; then
         ${TRACK_BUILD/#python /$PYTHON } --out "$DATA"  # the track's public recipe, with this script's Python
     fi
 fi
-if [ $((TRACK_GLOBAL_BATCH % (NGPU * 1024))) -ne 0 ]; then
-    echo "run.sh: $NGPU GPUs cannot share the record's $TRACK_GLOBAL_BATCH-token batch evenly; set NGPU to 1, 2, 4 or 8" >&2
-    exit 1
-fi
 TOKENS_PER_RANK=$((TRACK_GLOBAL_BATCH / NGPU < 65536 ? TRACK_GLOBAL_BATCH / NGPU : 65536))
 # shellcheck disable=SC2206  # the record's flags are words
 ARGS=(--standalone --nproc_per_node="$NGPU" train.py --data "$DATA" $TRACK_RECORD
       --tokens_per_rank "$TOKENS_PER_RANK" --grad_accum $((TRACK_GLOBAL_BATCH / NGPU / TOKENS_PER_RANK)) "$@")
-echo "run.sh: track $TRACK_NAME's record on $NGPU GPU(s): torchrun ${ARGS[*]}"
-# torchrun, as this script's Python runs it (a bare torchrun may be another environment's, or not on PATH), minus
-# the launcher's traceback when a rank fails: train.py has already said why in one line
+SHOWN=$(printf '%q ' "$PYTHON" -m torch.distributed.run "${ARGS[@]}")  # quoted: it can be pasted as it is
+echo "run.sh: track $TRACK_NAME's record on $NGPU GPU(s): ${SHOWN% }"
+# torchrun, as this script's Python runs it (a bare torchrun may be another environment's, or not on PATH), with one
+# line instead of the launcher's traceback when a rank fails: train.py has already said why
 exec "$PYTHON" -c 'import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args, run
+from torch.distributed.run import main
 try:
-    run(parse_args(sys.argv[1:]))
-except ChildFailedError:
-    sys.exit(1)' "${ARGS[@]}"
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    signal = f" ({failure.signal_name()})" if failure.exitcode < 0 else ""
+    sys.exit(f"run.sh: rank {rank} stopped first, exit code {failure.exitcode}{signal}")' "${ARGS[@]}"

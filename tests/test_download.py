@@ -185,14 +185,14 @@ def test_tokenize_builds_shards_with_prepare(tmp_path):
 def test_run_sh_downloads_the_track_then_launches_its_record(hub, small_shards, tmp_path):
     """`TRACK=omgprot50 bash run.sh`, the real script, against the loopback hub serving real shards (prepare.py's
     of the sample, in the hub's names): it downloads them into DATA, then launches train.py with the track's
-    record flags and the batch split for NGPU=1. This host has no GPU, so train.py then refuses the record's
+    record flags and the batch split for NGPU=1. CUDA is hidden from it, so train.py then refuses the record's
     65,536-token micro-batch with its one-line CPU-memory message: that refusal, made by train.py from the flags
     it parsed, is what shows the launch. A second run finds the data and downloads nothing."""
     from data.tracks import TRACKS
     from dataloader import verified_fingerprint
-    from model import PRESETS
+    from model import PRESETS, cpu_attention_bytes
     track = TRACKS["omgprot50"]
-    if PRESETS["speedrun"].n_head * 65536 ** 2 * 4 <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
+    if cpu_attention_bytes(PRESETS["speedrun"], 65536) <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
         pytest.skip("this host's memory would let train.py train the record on the CPU instead of refusing it")
     for p in hub.folder.iterdir():
         p.unlink()
@@ -217,14 +217,16 @@ def test_run_sh_downloads_the_track_then_launches_its_record(hub, small_shards, 
     verified_fingerprint(data)  # train.py's check of a data folder passes
     # the launch: the record's flags, its 524,288-token batch as 1 GPU x 8 micro-batches x 65,536 tokens
     assert track.global_batch == 1 * 8 * 65536
-    assert (f"run.sh: track omgprot50's record on 1 GPU(s): torchrun --standalone --nproc_per_node=1 train.py --data {data} {track.record} --tokens_per_rank 65536 --grad_accum 8\n"
+    assert (f"run.sh: track omgprot50's record on 1 GPU(s): {sys.executable} -m torch.distributed.run --standalone "
+            f"--nproc_per_node=1 train.py --data {data} {track.record} --tokens_per_rank 65536 --grad_accum 8\n"
             ) in r.stdout, out
     assert r.returncode == 1, out
     assert re.search(r"^train\.py: error: --tokens_per_rank 65536 needs about \d+ GiB on the CPU.* speedrun's heads",
                      r.stderr, re.M), out
-    assert "Traceback" not in out and "ChildFailedError" not in out  # one line says why, neither train.py nor the
-    # launcher adds a traceback
-    # again: the data are there, nothing is fetched; 3 GPUs cannot split the batch, refused before any launch
+    assert "run.sh: rank 0 stopped first, exit code 1" in r.stderr, out
+    assert "Traceback" not in out and "ChildFailedError" not in out  # one line each: no traceback of train.py's or
+    # of the launcher's
+    # again: 3 GPUs cannot split the batch, refused before the data are looked at or anything is launched
     hub.fetched.clear()
     r = run_sh("3")
     assert r.returncode == 1 and hub.fetched == [] and "missing" not in r.stdout, r.stdout + r.stderr
