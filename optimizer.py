@@ -175,7 +175,7 @@ def lr_multiplier(step: int, total: int, warmup_frac: float, cooldown_frac: floa
     return (total - step) / max(cooldown, 1)
 
 
-def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> float:
+def muon_momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float:
     """Muon's momentum at `step`: linear from `start` to `end` over warmup_steps, then `end`."""
     frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
     return (1 - frac) * start + frac * end

@@ -29,7 +29,7 @@ from torch._functorch import config as functorch_config
 from data.tracks import TRACKS, track_of, track_problems
 from dataloader import TrainLoader, eval_batches, letter_frequency_totals, verified_fingerprint
 from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, triton_qk_norm, window_size
-from optimizer import build_optimizer, lr_multiplier, muon_momentum
+from optimizer import build_optimizer, lr_multiplier, muon_momentum_at
 
 REPO = Path(__file__).resolve().parent
 SOURCE_FILES = ["train.py", "model.py", "triton_kernels.py", "optimizer.py", "dataloader.py", "data/tracks.py"]
@@ -433,7 +433,7 @@ class Trainer:
         self.full_window = torch.tensor(a.max_len, dtype=torch.int32, device=device)
         totals = letter_frequency_totals(shards["train"][0], self.eval_sets["valid", "mask"], device)
         loss_sum, count = all_reduce_sum(totals).tolist()
-        self.baseline = loss_sum / count  # the letter-frequency baseline's validation loss
+        self.baseline = loss_sum / count
         self.loader = TrainLoader(shards["train"], a.tokens_per_rank, rank=self.rank, world_size=self.world,
                                   seed=a.seed, max_len=a.max_len, mask_rate=a.mask_rate, mask_scheme=a.mask_scheme,
                                   num_workers=self.num_workers, pin_memory=device.type == "cuda",
@@ -470,7 +470,7 @@ class Trainer:
         the step's loss as a device tensor (no host sync): summed over ranks, it is the step's loss."""
         a = self.args
         lr = lr_multiplier(step, self.total_steps, a.warmup_frac, a.cooldown_frac)
-        momentum = muon_momentum(step, a.muon_momentum_start, a.muon_momentum, a.muon_momentum_warmup_steps)
+        momentum = muon_momentum_at(step, a.muon_momentum_start, a.muon_momentum, a.muon_momentum_warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr
             if "momentum" in group:
