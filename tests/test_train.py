@@ -202,7 +202,7 @@ def test_a_failed_hub_push_is_only_a_warning(small_shards, tmp_path, monkeypatch
     (log,) = Path(h.log_dir).glob("*.txt")
     (warning,) = [line for line in log.read_text().splitlines() if line.startswith("WARNING: could not push")]
     assert warning.startswith(f"WARNING: could not push {saved(h, 2)}"), warning
-    assert "Connection refused" in warning, warning  # the upload itself was tried, and failed where it should
+    assert re.search(r"Connect(ion)?Error", warning), warning  # the upload itself was tried, and could not connect
     assert saved(h, 2).exists()
 
 
