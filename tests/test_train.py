@@ -195,14 +195,16 @@ def torch_load_is_finite(path) -> bool:
 
 
 def test_a_failed_hub_push_is_only_a_warning(small_shards, tmp_path, monkeypatch):
+    from huggingface_hub import constants  # read HF_ENDPOINT when first imported: set both
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the upload fails at once
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     h = tiny(small_shards, tmp_path, max_steps=2, val_every=0, hf_repo="someone/plmrun-test")
     train.main(h)
     (log,) = Path(h.log_dir).glob("*.txt")
     (warning,) = [line for line in log.read_text().splitlines() if line.startswith("WARNING: could not push")]
     assert warning.startswith(f"WARNING: could not push {saved(h, 2)}"), warning
-    assert re.search(r"Connect(ion)?Error", warning), warning  # the upload itself was tried, and could not connect
+    assert "Connection refused" in warning, warning  # the upload itself was tried, and failed where it should
     assert saved(h, 2).exists()
 
 
