@@ -492,8 +492,9 @@ def eval_batches(files, tokens_per_batch: int, scheme: str = "mask", mask_rate: 
 def letter_frequency_totals(train_shard, batches: list[Batch], device) -> torch.Tensor:
     """The letter-frequency baseline on evaluation batches: [its cross-entropy summed over their masked tokens, their
     count] (float64, on `device`) when every masked residue is predicted by the token frequencies of one training
-    shard. A model must beat it to have learned more than the composition of proteins."""
+    shard's residues. A model must beat it to have learned more than the composition of proteins."""
     counts = torch.from_numpy(np.bincount(read_shard(train_shard), minlength=MASK + 1))
+    counts[[CLS, PAD, EOS, MASK]] = 0  # never a masked target: their share would only weaken the baseline
     log_p = (counts.double() / counts.sum()).clamp(min=1e-12).log().to(device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for b in batches:

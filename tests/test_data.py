@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import math
 import sys
 from pathlib import Path
 
@@ -13,8 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 import prepare  # noqa: E402
-from dataloader import (CLS, EOS, MASK, PAD, UNK, VOCAB, TrainLoader, assemble, block_aligned_order,  # noqa: E402
-                        documents, eval_batches, read_shard, write_shard)
+from dataloader import (CLS, EOS, MASK, PAD, UNK, VOCAB, Batch, TrainLoader, assemble,  # noqa: E402
+                        block_aligned_order, documents, eval_batches, letter_frequency_totals, read_shard, write_shard)
 from model import block_mask, positions  # noqa: E402
 
 
@@ -388,3 +389,15 @@ def test_eval_masks_are_frozen(small_shards):
     # 80/10/10 picks the same positions
     mixed = per_sequence_masks(eval_batches(files, 4096, scheme="80/10/10", max_len=256))
     assert [(p, t) for _, p, t in mixed] == [(p, t) for _, p, t in seqs]
+
+
+def test_the_letter_frequency_baseline_predicts_by_residue_counts(tmp_path):
+    """By hand: a training shard of residues A, A, L (and the specials, which are never predicted) makes
+    p(A) = 2/3 and p(L) = 1/3; masked targets A and L then cost -log(2/3) - log(1/3) over 2 tokens."""
+    A, L = VOCAB.index("A"), VOCAB.index("L")
+    shard = tmp_path / "t_train_000000.bin"
+    write_shard(shard, np.array([CLS, A, A, L, EOS], dtype=np.uint8))
+    batch = Batch(torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32), torch.tensor([1, 2, 0]),
+                  torch.tensor([A, L, -100]))  # the last slot is padding
+    loss_sum, count = letter_frequency_totals(shard, [batch, batch], "cpu").tolist()
+    assert count == 4 and loss_sum == pytest.approx(-2 * (math.log(2 / 3) + math.log(1 / 3)))
