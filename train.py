@@ -409,8 +409,8 @@ class Trainer:
         track_line = ("none (no track has these data and target)" if track is None else
                       track.name if not problems else f"none (not {track.name}: {'; '.join(problems)})")
         if a.sample_by_cluster:  # the fingerprint covers the shards only: name the clustering sampled by
-            manifest = json.loads((Path(a.data) / "manifest.json").read_text())
-            log.header("clusters sha256: " + " ".join(s["clusters"]["sha256"] for s in manifest["splits"]["train"]["shards"]))
+            shards = json.loads((Path(a.data) / "manifest.json").read_text())["splits"]["train"]["shards"]
+            log.header("clusters sha256: " + " ".join(s["clusters"]["sha256"] for s in shards))
         date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         log.header(f"date: {date}\ndata sha256: {self.data_hash}\ndevices: {', '.join(devices)}\ntrack: {track_line}",
                    kind="run", run_id=self.run_id, date=date, world_size=self.world, devices=devices,

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from dataloader import (verified_fingerprint, BLOCK, CLS, EOS, MASK, PAD, STANDARD_AA, VOCAB, assemble, check_tokens_per_batch, documents,
-                        eval_batches, read_shard, to_batch)
+from dataloader import (BLOCK, EOS, MASK, PAD, STANDARD_AA, VOCAB, assemble, check_tokens_per_batch, documents,
+                        eval_batches, read_shard, to_batch, verified_fingerprint)
 from model import PRESETS, Model
 
 REPO = Path(__file__).resolve().parent.parent
