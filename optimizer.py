@@ -23,9 +23,13 @@ def orthogonalize(G: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1, where the iteration converges
-    for _ in range(steps):
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])  # baddbmm wants one batch dimension
+    for _ in range(steps):  # three kernels: baddbmm scales and adds in the matmul's epilogue
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.view(shape)
     return X.mT if tall else X
 
 
@@ -102,14 +106,21 @@ class MuonAdam(torch.optim.Optimizer):
                 p.grad.copy_(g.view_as(p))
         beta1, beta2 = group["betas"]
         for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            state["step"] += 1
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+            if not self.state[p]:
+                self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            self.state[p]["step"] += 1
+        step = self.state[params[0]]["step"]
+        # foreach ops: each line a few kernels for the whole group, where a loop over the tensors launched each
+        # line once per tensor and left the GPU waiting on the launches
+        grads = [p.grad for p in params]
+        exp_avg = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_lerp_(exp_avg_sq, torch._foreach_mul(grads, grads), 1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** step)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
 
     def state_dict(self) -> dict:
         """The complete state, the same on every rank: with several ranks each Muon momentum buffer lives on its

@@ -117,6 +117,31 @@ def test_groups_and_schedule_hooks():
     assert len(kinds["muon"]) + len(kinds["adam"]) == len(list(model.parameters()))
 
 
+def test_adam_groups_step_as_torch_adam():
+    """The embeddings, head and scalars follow torch.optim.Adam exactly (bias correction, eps outside the root),
+    whatever the group's tensors' shapes, with the learning rate changed between steps as the schedule does."""
+    torch.manual_seed(0)
+    model = Model(PRESETS["tiny"])
+    ours = build_optimizer(model, embed_lr=0.1, head_lr=0.01, scalar_lr=0.05)
+    groups = [g for g in ours.param_groups if g["kind"] == "adam"]
+    twins = [[p.detach().clone().requires_grad_() for p in g["params"]] for g in groups]
+    reference = torch.optim.Adam([dict(params=t, lr=g["lr"]) for t, g in zip(twins, groups)], betas=(0.8, 0.95),
+                                 eps=1e-10, foreach=False)
+    for step in range(4):
+        for g, r in zip(groups, reference.param_groups):
+            g["lr"] = r["lr"] = g["initial_lr"] * (1 - step / 8)
+        for p in model.parameters():  # Muon's matrices too: the optimizer steps every group
+            p.grad = torch.randn_like(p) * 10.0 ** step  # Adam's step does not depend on the gradients' scale
+        for g, t in zip(groups, twins):
+            for p, twin in zip(g["params"], t):
+                twin.grad = p.grad.clone()
+        ours.step()
+        reference.step()
+    for g, t in zip(groups, twins):
+        for p, twin in zip(g["params"], t):
+            torch.testing.assert_close(p, twin, rtol=1e-5, atol=1e-6)
+
+
 def test_tiny_model_loss_falls_over_50_steps():
     torch.manual_seed(0)
     model = Model(PRESETS["tiny"])
