@@ -10,8 +10,10 @@ three BLAST databases of GO-annotated Swiss-Prot 2014_01 entries are read here, 
 file (plain, .gz or .xz) whose headers start with the accession (`>P69905 ...`) or are UniProt's (`>sp|P69905|...`).
 The split ships as data/sp2014_split_{train,valid,test}.txt.xz: one line per record in the split's order, the
 accession and then one check character. The records are looked up by accession, checked, written as the three
-FASTA files the split was published as, and tokenized by prepare.py; the shards equal those of
-`prepare.py --train sp2014_train.fasta.xz --valid sp2014_valid.fasta --test sp2014_test.fasta --name sp2014`.
+FASTA files the split was published as, and tokenized by prepare.py. Each training shard gets its cluster file
+(for train.py --sample_by_cluster) from data/sp2014_split_train_clusters.txt.xz, the cluster of each training record.
+Shards and cluster files equal those of `prepare.py --train sp2014_train.fasta.xz --valid sp2014_valid.fasta
+--test sp2014_test.fasta --clusters sp2014_clusters.tsv.xz --name sp2014` (the published split and clustering).
 """
 import sys
 from pathlib import Path
@@ -43,6 +45,7 @@ SPLITS = ("train", "valid", "test")
 SHA256 = {"train": "6a9d83dc326a3060add29fb614ed9ebb5a2141e36b629e59b05d071b4ff834e4",
           "valid": "2c78a9da5679c3ea9aa22c2f351305a9ee3db31c3db90c797bc3c07c7fe80878",
           "test": "1a20b5654f3cdda26c8d050770d98c6aacaaa26f8b5147ad87daf8ef86dc0d5e"}
+CLUSTERS = "sp2014_split_train_clusters.txt.xz"  # each training record's 50%-identity cluster (data/README.md)
 PACKAGE = "metastudent-data=2.0.1-8"
 DATABASES = [f"./usr/share/metastudent-data/dataset_201401/{aspect}/goasp.fasta" for aspect in ("BPO", "MFO", "CCO")]
 NCBISTDAA = b"-ABCDEFGHIKLMNPQRSTVWXYZU*OJ"  # BLAST's protein code: byte value -> residue letter
@@ -61,6 +64,20 @@ def read_split() -> dict:
         lines = lzma.open(HERE / f"sp2014_split_{split}.txt.xz").read().split()
         lists[split] = [(line[:-1], line[-1:]) for line in lines]
     return lists
+
+
+def read_clusters(train: list, path: Path = HERE / CLUSTERS) -> list:
+    """The cluster number of each training record, in the split's order: clusters numbered 0, 1, ... in the order
+    the split first meets them (as prepare.py numbers them), from the shipped list."""
+    numbers = [int(n) for n in lzma.open(path).read().split()]
+    seen = -1
+    for n in numbers:  # each record joins a cluster met before or opens the next one
+        if n > seen + 1:
+            raise ValueError(f"{path} is damaged: cluster {n} comes before cluster {seen + 1}")
+        seen = max(seen, n)
+    if len(numbers) != len(train):
+        raise ValueError(f"{path} is damaged: {len(numbers):,} lines for {len(train):,} training records")
+    return numbers
 
 
 def say(message: str, start: float):
@@ -184,11 +201,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.source is not None and not args.source.is_file():
         p.error(f"{args.source}: no such file")
-    if args.out.exists() and not (args.out.is_dir() and all(f.name == "manifest.json" or f.match("sp2014_*.bin")
-                                                            for f in args.out.iterdir())):  # before the long work
+    if args.out.exists() and not (args.out.is_dir() and all(
+            f.name == "manifest.json" or f.match("sp2014_*.bin") or f.match("sp2014_train_*.clusters")
+            for f in args.out.iterdir())):  # before the long work
         p.error(f"{args.out} holds other files than sp2014 shards: give a new folder, or one of an earlier build")
     start = time.time()
     lists = read_split()
+    clusters = read_clusters(lists["train"])
     wanted = {acc for split in SPLITS for acc, _ in lists[split]}
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source or fetch_deb(tmp)
@@ -205,10 +224,14 @@ def main(argv=None):
         for split in SPLITS:
             paths[split].write_bytes(texts[split])
         del texts
+        tsv = Path(tmp) / "clusters.tsv"  # the clusters as prepare.py reads them, each named by its number
+        tsv.write_bytes(b"".join(b"%d\t%s\n" % (n, acc) for n, (acc, _) in zip(clusters, lists["train"])))
         say("split assembled and checked; tokenizing", start)
         # prepare.py builds beside --out and swaps it in only when complete: a failure leaves --out as it was
-        manifest = prepare.main([f"--{s}={paths[s]}" for s in SPLITS] + ["--name=sp2014", f"--out={args.out}"])
-    manifest["source"] = {"sp2014": str(source.resolve()) if args.source else PACKAGE}  # not the temporary files
+        manifest = prepare.main([f"--{s}={paths[s]}" for s in SPLITS] +
+                                [f"--clusters={tsv}", "--name=sp2014", f"--out={args.out}"])
+    manifest["source"] = {"sp2014": str(source.resolve()) if args.source else PACKAGE,  # not the temporary files
+                          "clusters": f"data/{CLUSTERS}"}
     write_manifest(args.out, manifest)
     say(f"{args.out}: sp2014 shards written", start)
 

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
+import prepare  # noqa: E402
 import sp2014  # noqa: E402
 from dataloader import verified_fingerprint  # noqa: E402
 
@@ -55,6 +57,10 @@ def test_corpus_gives_todays_shards(tmp_path):
     (out / "sp2014_train_000009.bin").write_bytes(b"of an earlier build")  # replaced as a whole
     sp2014.main(["--source", str(CORPUS), "--out", str(out)])
     assert verified_fingerprint(out) == FINGERPRINT
+    # each training document's cluster is the published clustering's, numbered as prepare.py --clusters numbers it
+    ids = np.concatenate([np.fromfile(f, dtype="<i4") for f in sorted(out.glob("sp2014_train_*.clusters"))])
+    published = prepare.Clusters(SHARED / "sp2014_clusters.tsv.xz").ids([acc for acc, _ in sp2014.read_split()["train"]])
+    assert np.array_equal(ids, published)
     assert not (out / "sp2014_train_000009.bin").exists()
     assert not list(tmp_path.glob(".*"))  # no build folder left beside --out
 
@@ -86,6 +92,15 @@ def test_missing_or_changed_sequences_are_named(uniprot_seqs, lists):
     seqs[a] += b"A" * k
     with pytest.raises(ValueError, match="in its train split"):
         sp2014.assemble(seqs, lists)
+
+
+def test_shipped_clusters_number_every_training_record(lists, tmp_path):
+    numbers = sp2014.read_clusters(lists["train"])
+    assert len(numbers) == len(lists["train"]) and max(numbers) + 1 == 83_821  # sp2014's training clusters
+    for lines, message in [(b"0\n2\n", "cluster 2 comes before cluster 1"), (b"0\n1\n0\n", "3 lines for 350,081")]:
+        (tmp_path / "damaged.txt.xz").write_bytes(lzma.compress(lines))
+        with pytest.raises(ValueError, match=f"damaged.txt.xz is damaged: {message}"):
+            sp2014.read_clusters(lists["train"], tmp_path / "damaged.txt.xz")
 
 
 def refusal(argv, capsys) -> str:
