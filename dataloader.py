@@ -253,7 +253,7 @@ def cluster_members(files) -> tuple:
         path = cluster_file(f)
         if not path.is_file():
             raise ValueError(f"{f} has no cluster file {path.name} beside it; sampling by cluster needs shards made "
-                             f"with data/prepare.py --clusters TSV")
+                             f"with data/prepare.py --clusters TSV (sp2014's: data/sp2014.py)")
         docs = len(documents(read_shard(f))[0])
         if path.stat().st_size != 4 * docs:
             raise ValueError(f"{path} holds {path.stat().st_size:,} bytes, not 4 for each of the {docs:,} documents "

@@ -110,8 +110,8 @@ class MuonAdam(torch.optim.Optimizer):
                 self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             self.state[p]["step"] += 1
         step = self.state[params[0]]["step"]
-        # foreach ops: each line a few kernels for the whole group, where a loop over the tensors launched each
-        # line once per tensor and left the GPU waiting on the launches
+        # foreach ops: a few kernels a line for the whole group; a launch per tensor would leave the GPU waiting on
+        # the CPU
         grads = [p.grad for p in params]
         exp_avg = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]

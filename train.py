@@ -52,7 +52,7 @@ class Hyperparameters:
     mask_scheme: str = flag("mask", "training masks: every chosen residue -> <mask>, or 80/10/10", SCHEMES)
     num_workers: int = flag(4, "loader processes per rank (lowered to the CPU cores there are)")
     sample_by_cluster: bool = flag(False, "each epoch one member of every training cluster, as ESM-2 trains (needs "
-                                   "shards made with data/prepare.py --clusters)")
+                                   "shards made with data/prepare.py --clusters or data/sp2014.py)")
     # model
     preset: str = flag("speedrun", "model size and shape (model.py's PRESETS)", list(PRESETS))
     compile: str = flag("model", "CUDA only: model (one graph, fastest), blocks (a graph per kind of block, compiles "

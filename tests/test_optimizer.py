@@ -17,7 +17,7 @@ ODD = ModelConfig(n_layer=3, d_model=32, n_head=2, d_mlp=64, n_value_embeds=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (4, 96, 32)])
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (4, 96, 32), (2, 3, 40, 24)])  # (.., 3, d, d): a qkv stack
 def test_newton_schulz_puts_singular_values_in_the_band(shape, dtype):
     torch.manual_seed(0)
     *batch, m, n = shape
@@ -131,7 +131,7 @@ def test_adam_groups_step_as_torch_adam():
         for g, r in zip(groups, reference.param_groups):
             g["lr"] = r["lr"] = g["initial_lr"] * (1 - step / 8)
         for p in model.parameters():  # Muon's matrices too: the optimizer steps every group
-            p.grad = torch.randn_like(p) * 10.0 ** step  # Adam's step does not depend on the gradients' scale
+            p.grad = torch.randn_like(p) * 10.0 ** step  # gradients over four decades
         for g, t in zip(groups, twins):
             for p, twin in zip(g["params"], t):
                 twin.grad = p.grad.clone()

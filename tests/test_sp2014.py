@@ -59,7 +59,8 @@ def test_corpus_gives_todays_shards(tmp_path):
     assert verified_fingerprint(out) == FINGERPRINT
     # each training document's cluster is the published clustering's, numbered as prepare.py --clusters numbers it
     ids = np.concatenate([np.fromfile(f, dtype="<i4") for f in sorted(out.glob("sp2014_train_*.clusters"))])
-    published = prepare.Clusters(SHARED / "sp2014_clusters.tsv.xz").ids([acc for acc, _ in sp2014.read_split()["train"]])
+    train = [acc for acc, _ in sp2014.read_split()["train"]]
+    published = prepare.Clusters(SHARED / "sp2014_clusters.tsv.xz").ids(train)
     assert np.array_equal(ids, published)
     assert not (out / "sp2014_train_000009.bin").exists()
     assert not list(tmp_path.glob(".*"))  # no build folder left beside --out
@@ -95,12 +96,19 @@ def test_missing_or_changed_sequences_are_named(uniprot_seqs, lists):
 
 
 def test_shipped_clusters_number_every_training_record(lists, tmp_path):
-    numbers = sp2014.read_clusters(lists["train"])
+    numbers = sp2014.read_clusters()
     assert len(numbers) == len(lists["train"]) and max(numbers) + 1 == 83_821  # sp2014's training clusters
-    for lines, message in [(b"0\n2\n", "cluster 2 comes before cluster 1"), (b"0\n1\n0\n", "3 lines for 350,081")]:
-        (tmp_path / "damaged.txt.xz").write_bytes(lzma.compress(lines))
-        with pytest.raises(ValueError, match=f"damaged.txt.xz is damaged: {message}"):
-            sp2014.read_clusters(lists["train"], tmp_path / "damaged.txt.xz")
+    opened = -1
+    for n in numbers:  # numbered as the split first meets them: a record joins a cluster met before or the next one
+        assert n <= opened + 1
+        opened = max(opened, n)
+    damaged = tmp_path / "damaged.txt.xz"
+    shipped = lzma.open(REPO / "data" / sp2014.CLUSTERS).read()
+    for content, message in [(lzma.compress(shipped.replace(b"\n171\n", b"\n0\n", 1)), "is damaged"),
+                             (lzma.compress(shipped)[:1000], "cannot read it"), (b"not xz", "cannot read it")]:
+        damaged.write_bytes(content)
+        with pytest.raises(ValueError, match=f"damaged.txt.xz.? {message}"):
+            sp2014.read_clusters(damaged)
 
 
 def refusal(argv, capsys) -> str:
