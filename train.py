@@ -408,13 +408,15 @@ class Trainer:
         problems = track and track_problems(track, self.data_hash, dataclasses.asdict(a), self.world, devices)
         track_line = ("none (no track has these data and target)" if track is None else
                       track.name if not problems else f"none (not {track.name}: {'; '.join(problems)})")
-        if a.sample_by_cluster:  # the fingerprint covers the shards only: name the clustering sampled by
+        clusters = None  # the fingerprint covers the shards only: name the clustering sampled by
+        if a.sample_by_cluster:
             shards = json.loads((Path(a.data) / "manifest.json").read_text())["splits"]["train"]["shards"]
-            log.header("clusters sha256: " + " ".join(s["clusters"]["sha256"] for s in shards))
+            clusters = [s["clusters"]["sha256"] for s in shards]
+            log.header("clusters sha256: " + " ".join(clusters))
         date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         log.header(f"date: {date}\ndata sha256: {self.data_hash}\ndevices: {', '.join(devices)}\ntrack: {track_line}",
                    kind="run", run_id=self.run_id, date=date, world_size=self.world, devices=devices,
-                   hyperparameters=dataclasses.asdict(a), data_sha256=self.data_hash)
+                   hyperparameters=dataclasses.asdict(a), data_sha256=self.data_hash, clusters_sha256=clusters)
 
     def build(self):
         """The model, optimizer, frozen evaluation sets and training loader."""

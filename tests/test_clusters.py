@@ -227,3 +227,16 @@ def test_without_sampling_the_cluster_files_change_nothing(clustered, tmp_path):
     (plain / "c_train_000000.clusters").write_bytes(b"\0" * 12)
     with pytest.raises(ValueError, match=r"c_train_000000.clusters holds 12 bytes, not 4 for each of the"):
         TrainLoader(train_files(plain), **LOADER)
+
+
+def test_a_run_sampling_by_cluster_names_its_cluster_files(clustered, tmp_path):
+    """They are outside the data fingerprint: the run record names them, and tools.records check holds every run of
+    an attempt to the same ones."""
+    import train
+    from test_train import records, tiny
+    out, manifest, _, _ = clustered
+    train.main(tiny(out, tmp_path, max_steps=2, val_every=2, sample_by_cluster=True))
+    expected = [s["clusters"]["sha256"] for s in manifest["splits"]["train"]["shards"]]
+    assert next(r for r in records(tmp_path / "logs") if r.get("kind") == "run")["clusters_sha256"] == expected
+    (log,) = (tmp_path / "logs").glob("*.txt")
+    assert f"\nclusters sha256: {' '.join(expected)}\n" in log.read_text()

@@ -74,6 +74,7 @@ def run_edit(key, change):
     ({1: ("seed", lambda s: 0)}, "got seeds \\[0, 0, 2\\] \\(twice: \\[0\\]\\) \\(missing: \\[1\\]\\)"),
     ({2: ("seed", lambda s: 3)}, "seeds 0..2, each once, .* \\(missing: \\[2\\]\\)"),
     ({1: ("muon_lr", lambda v: 0.1)}, "hyperparameters differ .* --muon_lr \\(0.1 vs"),
+    ({1: ("record:clusters_sha256", lambda v: ["0" * 64])}, "sampled its training documents by other clusters"),
     ({1: ("record:world_size", lambda v: 2)}, "ran on 2 rank"),
     ({1: ("record:devices", lambda v: ["NVIDIA H100 80GB HBM3"])}, "ran on 1 rank\\(s\\) of \\['NVIDIA H100"),
     ("stopped", "stopped at step 2 of --max_steps 4; a record run trains every step"),

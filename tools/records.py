@@ -151,6 +151,10 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
         if run["meta"]["data_sha256"] != first["meta"]["data_sha256"]:
             raise RecordError(f"{run['path']}: trained on other data (sha256 {run['meta']['data_sha256']}) than "
                               f"{first['path']} ({first['meta']['data_sha256']})")
+        if run["meta"].get("clusters_sha256") != first["meta"].get("clusters_sha256"):  # both None: no sampling
+            raise RecordError(f"{run['path']}: sampled its training documents by other clusters (cluster files "
+                              f"{run['meta'].get('clusters_sha256')}) than {first['path']} "
+                              f"({first['meta'].get('clusters_sha256')})")
         h, h0 = run["meta"]["hyperparameters"], first["meta"]["hyperparameters"]
         differ = sorted(k for k in set(h) | set(h0) if k not in OUTPUT_FLAGS | {"seed"} and h.get(k) != h0.get(k))
         if differ:
