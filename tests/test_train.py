@@ -270,12 +270,15 @@ def test_the_kernel_breakdown_counts_communication_as_exposed_only_where_no_othe
                ("ncclDevKernel_ReduceScatter_Sum_f32", 120, 200), ("triton_tem_fused_flex_attention_0", 220, 300),
                ("ncclDevKernel_AllGather_RING", 250, 330), ("ncclDevKernel_AllReduce_Sum_f32", 310, 330)]
     random.Random(0).shuffle(kernels)
-    ms, top, exposed, wall = bench.kernel_time_breakdown(kernels, steps=2)
-    assert ms == pytest.approx({"matmul": 0.05, "attention": 0.04, "element-wise": 0.035, "communication": 0.09,
-                                "copy": 0.0, "idle": 0.01})
+    kernels.append(("triton_poi_fused_add_0", 200, 210))  # a second call of a kernel
+    ms, ranked, exposed, wall = bench.kernel_time_breakdown(kernels, steps=2)
+    assert ms == pytest.approx({"matmul": 0.05, "attention": 0.04, "element-wise": 0.04, "communication": 0.09,
+                                "copy": 0.0, "idle": 0.005})
     assert exposed == pytest.approx(0.04)  # (200 - 150) + (330 - 300) µs over 2 steps
     assert wall == pytest.approx(0.165)
-    assert top[0] == ("nvjet_sm90_tst_192x192", "matmul", pytest.approx(0.05))
+    assert len(ranked) == 7  # every kernel, each once, costliest first, with its calls per step
+    assert ranked[0] == ("nvjet_sm90_tst_192x192", "matmul", pytest.approx(0.05), 0.5)
+    assert ("triton_poi_fused_add_0", "element-wise", pytest.approx(0.03), 1.0) in ranked
     assert bench.kernel_time_breakdown([], steps=3) == ({}, [], 0.0, 0.0)
 
 

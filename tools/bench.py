@@ -55,7 +55,7 @@ def benchmark(trainer, compile_s: float) -> dict:
                 train_step(step)
             sync()
         del optimizer.step
-        (r["gpu_ms_per_step"], r["top_kernels"], r["exposed_communication_ms"],
+        (r["gpu_ms_per_step"], r["kernels"], r["exposed_communication_ms"],
          r["profiled_ms_per_step"]) = gpu_time_breakdown(prof, steps=3)
         r["optimizer_ms_per_step"] = sum(start.elapsed_time(end) for start, end in spans) / len(spans)
         gpu_total = r["profiled_ms_per_step"] or float("nan")  # nan: the profiler saw no kernel
@@ -66,8 +66,8 @@ def benchmark(trainer, compile_s: float) -> dict:
                  f"({100 * r['optimizer_ms_per_step'] / gpu_total:.1f}%; its kernels are counted above by kind)")
         text += (f"\n  communication no other kernel hid (waits for slower ranks included): "
                  f"{r['exposed_communication_ms']:.1f} ms ({100 * r['exposed_communication_ms'] / gpu_total:.1f}%)")
-        text += "\ntop kernels (ms per step):\n" + "\n".join(f"  {ms:8.1f}  {cat:13s} {name}"
-                                                          for name, cat, ms in r["top_kernels"])
+        text += "\ntop kernels (ms and calls per step; the .jsonl record lists them all):\n" + "\n".join(
+            f"  {ms:8.2f}  {calls:5.0f}x  {cat:13s} {name}" for name, cat, ms, calls in r["kernels"][:12])
     log.line(text, **r)
     return r
 
@@ -110,7 +110,8 @@ def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list, float, float]:
 
 def kernel_time_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> tuple[dict, list, float, float]:
     """From (name, start µs, end µs) of every kernel over `steps` steps, per step in ms: the time by kind of kernel
-    (idle: the gaps between the first and the last kernel that no kernel covers), the costliest kernels, the exposed
+    (idle: the gaps between the first and the last kernel that no kernel covers), every kernel costliest first as
+    (name, kind, ms, calls) per step, the exposed
     communication (communication kernels running while no other kernel does) and the wall time from the first kernel
     to the last. Kernels on several streams overlap, so the kinds can add up to more than the wall time."""
     if not kernels:
@@ -120,15 +121,17 @@ def kernel_time_breakdown(kernels: list[tuple[str, float, float]], steps: int) -
     for name, start, end in kernels:
         category = kernel_category(name)
         ms[category] += (end - start) / 1000 / steps
-        by_name[name, category] = by_name.get((name, category), 0.0) + (end - start) / 1000 / steps
+        ms_so_far, calls = by_name.get((name, category), (0.0, 0))
+        by_name[name, category] = ms_so_far + (end - start) / 1000 / steps, calls + 1
         if category != "communication":
             compute.append((start, end))
     busy = union_length([(start, end) for _, start, end in kernels])
     wall = max(end for *_, end in kernels) - min(start for _, start, _ in kernels)
     ms["idle"] = (wall - busy) / 1000 / steps
     exposed = (busy - union_length(compute)) / 1000 / steps
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
-    return ms, [(name[:100], category, t) for (name, category), t in top], exposed, wall / 1000 / steps
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return (ms, [(name[:100], category, t, calls / steps) for (name, category), (t, calls) in ranked], exposed,
+            wall / 1000 / steps)
 
 
 def union_length(spans: list[tuple[float, float]]) -> float:
