@@ -148,13 +148,11 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
         for name in sorted(set(first["sources"]) | set(run["sources"])):
             if first["sources"].get(name) != run["sources"].get(name):
                 raise RecordError(f"{run['path']}: its {name} differs from that of {first['path']}")
-        if run["meta"]["data_sha256"] != first["meta"]["data_sha256"]:
-            raise RecordError(f"{run['path']}: trained on other data (sha256 {run['meta']['data_sha256']}) than "
-                              f"{first['path']} ({first['meta']['data_sha256']})")
-        if run["meta"].get("clusters_sha256") != first["meta"].get("clusters_sha256"):  # both None: no sampling
-            raise RecordError(f"{run['path']}: sampled its training documents by other clusters (cluster files "
-                              f"{run['meta'].get('clusters_sha256')}) than {first['path']} "
-                              f"({first['meta'].get('clusters_sha256')})")
+        for key, what in [("data_sha256", "trained on other data (sha256"),  # clusters: None without sampling
+                          ("clusters_sha256", "sampled its training documents by other clusters (cluster files")]:
+            if run["meta"].get(key) != first["meta"].get(key):
+                raise RecordError(f"{run['path']}: {what} {run['meta'].get(key)}) than {first['path']} "
+                                  f"({first['meta'].get(key)})")
         h, h0 = run["meta"]["hyperparameters"], first["meta"]["hyperparameters"]
         differ = sorted(k for k in set(h) | set(h0) if k not in OUTPUT_FLAGS | {"seed"} and h.get(k) != h0.get(k))
         if differ:
