@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-try:  # Triton comes with CUDA builds of torch; without it (a CPU build, model.py copied out alone) the formula runs
-    from triton_kernels import qk_norm_rotary
+try:  # Triton comes with CUDA builds of torch; without it (a CPU build, model.py copied out alone) the formulas run
+    from triton_kernels import qk_norm_rotary, relu2_mlp
 except ImportError:
-    qk_norm_rotary = None
+    qk_norm_rotary = relu2_mlp = None
 
 BLOCK = 128  # FlexAttention's block size; the trainer makes T a multiple of it
 COMPILE_MODES = ("model", "blocks", "none")  # of compiled(): train.py --compile
@@ -149,8 +149,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def triton_qk_norm(device: torch.device) -> bool:
-    """Whether QK-norm and rotary run as triton_kernels.py's op (on CUDA, with Triton) or as the formula."""
+def use_triton(device: torch.device) -> bool:
+    """Whether QK-norm with rotary and the MLP run as triton_kernels.py's ops (on CUDA, with Triton) or as the
+    formulas."""
     return device.type == "cuda" and qk_norm_rotary is not None
 
 
@@ -173,7 +174,7 @@ class Attention(nn.Module):
         # v from a matmul of its own: as a slice of one qkv product it would keep q and k before their norms alive
         qk = F.linear(x, w[:2].flatten(0, 1)).view(T, 2, self.n_head, self.head_dim)
         v = F.linear(x, w[2]).view(T, self.n_head, self.head_dim)
-        if triton_qk_norm(x.device):
+        if use_triton(x.device):
             q, k, _ = qk_norm_rotary(qk, *rot)
         else:
             q, k = (apply_rotary(norm(t), *rot) for t in qk.unbind(1))
@@ -190,7 +191,10 @@ class MLP(nn.Module):
         self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_mlp))
 
     def forward(self, x):
-        return F.linear(F.relu(F.linear(x, self.fc.type_as(x))).square(), self.proj.type_as(x))
+        fc, proj = self.fc.type_as(x), self.proj.type_as(x)
+        if use_triton(x.device):
+            return relu2_mlp(x, fc, proj)[0]
+        return F.linear(F.relu(F.linear(x, fc)).square(), proj)
 
 
 class Block(nn.Module):

@@ -28,7 +28,7 @@ from torch._functorch import config as functorch_config
 
 from data.tracks import TRACKS, track_of, track_problems
 from dataloader import TrainLoader, eval_batches, letter_frequency_totals, verified_fingerprint
-from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, triton_qk_norm, window_size
+from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, use_triton, window_size
 from optimizer import build_optimizer, lr_multiplier, muon_momentum_at
 
 REPO = Path(__file__).resolve().parent
@@ -447,8 +447,8 @@ class Trainer:
         self.log.line(f"model: {a.preset} {self.raw_model.num_params():,} parameters | global batch "
                       f"{self.global_batch:,} tokens = {self.world} ranks x {a.grad_accum} micro-batches x "
                       f"{a.tokens_per_rank:,} | {self.total_steps} steps | device {device} | {self.num_workers} "
-                      f"loader workers per rank{workers} | QK-norm + rotary: "
-                      f"{'Triton op' if triton_qk_norm(device) else 'formula'} | letter-frequency baseline: "
+                      f"loader workers per rank{workers} | QK-norm + rotary and MLP: "
+                      f"{'Triton ops' if use_triton(device) else 'formulas'} | letter-frequency baseline: "
                       f"val_loss {self.baseline:.4f}")
         if self.master:
             self.log.line(f"log: {self.log.path('running', '.txt')} (renamed {self.run_id}.txt when the run ends) | "

@@ -1,12 +1,21 @@
-"""QK-norm and rotary embedding as one Triton op with its own backward (CUDA only; the CPU runs the plain formula).
+"""Two Triton ops with their own backward (CUDA only; the CPU runs the plain formulas of model.py).
 
-Compiled from the plain formula, the backward of the RMS norm needs its input, so the compiler keeps q and k before
-their norms for every layer (3 KB per token and block, 4.5 GiB for `speedrun` at 65,536 tokens) on top of the normed
-q and k that attention keeps anyway, and its fused kernels read and write q and k several times. This op keeps only
-its outputs and the rms: the rotation is orthogonal (rotating by -angle undoes it) and the normed input is the output
-rotated back, which is all the norm's backward needs. It is a torch.library op so that the compiler traces the
-kernels and the backward into its graph (a torch.autograd.Function in that place trained wrongly, see the README).
+QK-norm and rotary embedding as one op. Compiled from the plain formula, the backward of the RMS norm needs its
+input, so the compiler keeps q and k before their norms for every layer (3 KB per token and block, 4.5 GiB for
+`speedrun` at 65,536 tokens) on top of the normed q and k that attention keeps anyway, and its fused kernels read
+and write q and k several times. This op keeps only its outputs and the rms: the rotation is orthogonal (rotating by
+-angle undoes it) and the normed input is the output rotated back, which is all the norm's backward needs.
+
+The ReLU² MLP as one op, the activation in the epilogue of its first matmul and the activation's gradient in the
+epilogue of the matmul that gives the gradient of the hidden activations. Compiled from the formula, the activation
+and its backward are passes of their own over the [T, d_mlp] hidden activations, the largest tensors of the step,
+bound by memory bandwidth. The op keeps h = relu(a)² for the backward, and not a: relu(a) is sqrt(h).
+
+Both are torch.library ops so that the compiler traces the kernels and the backwards into its graph (a
+torch.autograd.Function in that place trained wrongly, see docs/memory.md).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -134,3 +143,91 @@ def _backward(ctx, dq, dk, _):
 
 
 qk_norm_rotary.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ReLU² MLP: C = A @ B with the activation (forward) or its gradient (backward) applied before C is stored
+
+# Autotuned on the first call of each shape among the tiles that ran fastest on an H200 at the MLP shapes of `sprint`
+# and `speedrun` (docs/throughput.md); Triton's CPU interpreter runs one small tile
+MATMUL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+                  for m, n, k, s, w in ((128, 256, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 64, 3, 4),
+                                        (128, 256, 32, 4, 8))]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    MATMUL_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
+
+
+@triton.autotune(MATMUL_CONFIGS, key=["M", "N", "K", "GRAD"])
+@triton.jit
+def matmul_relu2_kernel(a_ptr, a_stride_m, a_stride_k, b_ptr, b_stride_k, b_stride_n, c_ptr, h_ptr, M, N,
+                        K: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C [M, N] (contiguous) = relu(A @ B)², or with GRAD (A @ B) * 2 sqrt(H) for H [M, N] (contiguous)."""
+    # GROUP_M row tiles run next to each other, so that the tiles of B they share stay in the L2 cache
+    pid, n_m, n_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * n_n) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + pid % (GROUP_M * n_n) % group_m
+    pid_n = pid % (GROUP_M * n_n) // group_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # rows and columns past the end wrap around (their results are never stored), so that only k needs a mask
+    a_at = a_ptr + (rows % M).to(tl.int64)[:, None] * a_stride_m + ks[None, :] * a_stride_k
+    b_at = b_ptr + ks[:, None] * b_stride_k + (cols % N)[None, :] * b_stride_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = ks < K - k
+        acc = tl.dot(tl.load(a_at, k_ok[None, :], other=0.0), tl.load(b_at, k_ok[:, None], other=0.0), acc)
+        a_at += BLOCK_K * a_stride_k
+        b_at += BLOCK_K * b_stride_k
+    c_at = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    if GRAD:
+        acc *= 2 * tl.sqrt(tl.load(h_ptr + c_at, ok, other=0.0).to(tl.float32))
+    else:
+        acc = tl.maximum(acc, 0.0)
+        acc *= acc
+    tl.store(c_ptr + c_at, acc.to(c_ptr.dtype.element_ty), ok)
+
+
+def _matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    (M, K), N = a.shape, b.size(1)
+    c = a.new_empty(M, N)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(matmul_relu2_kernel)[grid](a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c,
+                                           c if h is None else h, M, N, K, GRAD=h is not None)
+    return c
+
+
+@triton_op("plmrun::relu2_mlp", mutates_args=())
+def relu2_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """relu(x @ w_fc.T)² @ w_proj.T for x [T, d_model], w_fc [d_mlp, d_model], w_proj [d_model, d_mlp] (one
+    dtype); and the hidden activations h = relu(x @ w_fc.T)² [T, d_mlp] that the backward needs."""
+    if x.dim() != 2 or w_fc.shape != (w_proj.size(1), x.size(1)) or w_proj.size(0) != x.size(1) or \
+            not x.dtype == w_fc.dtype == w_proj.dtype:
+        raise ValueError(f"relu2_mlp wants x [T, d_model], w_fc [d_mlp, d_model] and w_proj [d_model, d_mlp] of one "
+                         f"dtype; got x {tuple(x.shape)} {x.dtype}, w_fc {tuple(w_fc.shape)} {w_fc.dtype}, "
+                         f"w_proj {tuple(w_proj.shape)} {w_proj.dtype}")
+    h = _matmul_relu2(x, w_fc.mT)
+    return h @ w_proj.mT, h
+
+
+@triton_op("plmrun::relu2_mlp_backward", mutates_args=())
+def relu2_mlp_backward(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
+                       h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of relu2_mlp's x, w_fc and w_proj from that of its output."""
+    da = _matmul_relu2(dy, w_proj, h)  # the gradient of the first matmul's output, relu(a) being sqrt(h)
+    return da @ w_fc, da.mT @ x, dy.mT @ h
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _mlp_backward(ctx, dy, _):
+    return relu2_mlp_backward(dy, *ctx.saved_tensors)
+
+
+relu2_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)

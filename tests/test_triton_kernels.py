@@ -1,7 +1,8 @@
-"""triton_kernels.py's QK-norm + rotary op, on a CUDA GPU or in Triton's CPU interpreter (conftest.py turns it on
-there): its outputs and gradients are those of the formula the CPU model runs, and bad inputs are refused."""
+"""triton_kernels.py's ops, on a CUDA GPU or in Triton's CPU interpreter (conftest.py turns it on there): their
+outputs and gradients are those of the formulas the CPU model runs, and bad inputs are refused."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import apply_rotary, norm
 
@@ -52,3 +53,43 @@ def test_qk_norm_rotary_refuses_tables_that_do_not_fit():
     for bad in ((cos.double(), sin.double()), (cos[:, :4], sin[:, :4]), (cos.t().contiguous().t(), sin)):
         with pytest.raises(ValueError, match="contiguous float32 cos, sin"):
             kernels.qk_norm_rotary(qk, *bad)
+
+
+def mlp_formula(x, w_fc, w_proj):
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+
+
+# Triton's CPU interpreter multiplies bfloat16 matrices wrongly (Triton 3.5), so there bfloat16 runs on the GPU only
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton's CPU interpreter gets bfloat16 matmuls wrong"))])
+@pytest.mark.parametrize("dy_layout", ["contiguous", "transposed"])
+def test_relu2_mlp_equals_the_formula_forward_and_backward(dtype, dy_layout):
+    torch.manual_seed(0)
+    T, d_model, d_mlp = 301, 72, 200  # none a multiple of the tiles
+    x = torch.randn(T, d_model, device=DEVICE).to(dtype).requires_grad_()
+    w_fc = (torch.randn(d_mlp, d_model, device=DEVICE) / d_model ** 0.5).to(dtype).requires_grad_()
+    w_proj = (torch.randn(d_model, d_mlp, device=DEVICE) / d_mlp ** 0.5).to(dtype).requires_grad_()
+    y, h = kernels.relu2_mlp(x, w_fc, w_proj)
+    inputs64 = [t.double() for t in (x, w_fc, w_proj)]
+    ref = mlp_formula(*inputs64)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # on the GPU float32 matmuls run in TF32
+    assert y.dtype == h.dtype == dtype and y.shape == (T, d_model) and h.shape == (T, d_mlp)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    assert (h >= 0).all() and (h == 0).float().mean() > 0.3  # the ReLU zeroes about half
+    if dy_layout == "transposed":
+        dy = torch.randn(d_model, T, device=DEVICE).to(dtype).t()
+    else:
+        dy = torch.randn(T, d_model, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(y, (x, w_fc, w_proj), dy)
+    ref_grads = torch.autograd.grad(mlp_formula(*inputs64), inputs64, dy.double())
+    for g, ref_g in zip(grads, ref_grads):
+        assert g.dtype == dtype and g.shape == ref_g.shape
+        assert ((g.double() - ref_g).norm() / ref_g.norm()).item() < tol
+
+
+def test_relu2_mlp_refuses_weights_that_do_not_fit():
+    x, w_fc, w_proj = torch.randn(8, 16, device=DEVICE), torch.randn(32, 16, device=DEVICE), torch.randn(16, 32,
+                                                                                                         device=DEVICE)
+    for bad in ((x, w_fc.t(), w_proj), (x, w_fc, w_proj[:8]), (x, w_fc.double(), w_proj), (x[None], w_fc, w_proj)):
+        with pytest.raises(ValueError, match=r"relu2_mlp wants x \[T, d_model\]"):
+            kernels.relu2_mlp(*bad)
