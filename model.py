@@ -243,8 +243,12 @@ class Model(nn.Module):
             mask = document_mask(doc_ids, window)(None, None, idx[:, None], idx[None, :])
         pos = positions(doc_ids)  # a document longer than cfg.max_len fails here with an index error
         rot = self.rope_cos[pos], self.rope_sin[pos]  # float32
-        x = x0 = norm(self.embed(input_ids).to(dtype))
-        ve = [table(input_ids).to(dtype) for table in self.value_embeds]
+        # the lookups as matmuls with one-hot rows, so that their backward is a matmul too, whose sums run in the same
+        # order every time: a lookup's backward adds T rows into vocab_size with atomic adds, in another order every
+        # run, and so no two runs of one seed trained alike
+        one_hot = F.one_hot(input_ids.long(), self.cfg.vocab_size).to(dtype)
+        x = x0 = norm(one_hot @ self.embed.weight.to(dtype))
+        ve = [one_hot @ table.weight.to(dtype) for table in self.value_embeds]
         ve = ve + [None] * (L - 2 * len(ve)) + ve[::-1]
         skips = []
         for i, block in enumerate(self.blocks):
