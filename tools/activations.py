@@ -4,8 +4,9 @@
 
 It compiles one block (with and one without a value embedding) on the CPU in bfloat16 and reads the tensors the
 forward graph made by torch's partitioner hands to the backward, as `train.py` gets them on a GPU at
-`--activation_memory`. FlexAttention has no CPU backward, so a stand-in keeps what it keeps (q, k, v and its output;
-its log-sum-exp, 4 bytes a head, is left out). Views of one tensor count once. The block's inputs are listed too:
+`--activation_memory`. FlexAttention has no CPU backward and the Triton ops of triton_kernels.py do not trace on the
+CPU, so stand-ins keep what they keep: FlexAttention q, k, v and its output (its log-sum-exp, 4 bytes a head, is left
+out), the QK-norm op its outputs and the rms, the MLP op its input and h = relu(a)². Views of one tensor count once. The block's inputs are listed too:
 x0, the value embedding and the rotary tables are shared by all blocks, the block input x is its own.
 """
 import argparse
@@ -40,6 +41,41 @@ class KeepsWhatFlexAttentionKeeps(torch.autograd.Function):
 def stand_in_attend(q, k, v, mask):
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
     return KeepsWhatFlexAttentionKeeps.apply(q, k, v)[0].transpose(0, 1)
+
+
+class KeepsWhatTheQKNormOpKeeps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qk, cos, sin):
+        q, k = (model.apply_rotary(model.norm(t), cos, sin) for t in qk.unbind(1))
+        rstd = qk.float().square().mean(-1).add(torch.finfo(torch.float32).eps).rsqrt().permute(1, 0, 2)
+        ctx.save_for_backward(q, k, rstd, cos, sin)
+        ctx.mark_non_differentiable(rstd)
+        return q, k, rstd
+
+    @staticmethod
+    def backward(ctx, dq, dk, _):  # not a gradient: only needs every saved tensor, as the op's backward does
+        q, k, rstd, cos, sin = ctx.saved_tensors
+        scale = rstd.permute(1, 0, 2)[..., None] * cos.sum() * sin.sum()
+        return torch.stack([dq * q, dk * k], 1) * scale.to(q.dtype), None, None
+
+
+class KeepsWhatTheMLPOpKeeps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj):
+        h = torch.relu(x @ w_fc.mT).square()
+        ctx.save_for_backward(x, w_fc, w_proj, h)
+        ctx.mark_non_differentiable(h)
+        return h @ w_proj.mT, h
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, w_fc, w_proj, h = ctx.saved_tensors
+        da = (dy @ w_proj) * 2 * h.sqrt()
+        return da @ w_fc, da.mT @ x, dy.mT @ h
+
+
+STAND_INS = {"attend": stand_in_attend, "use_triton": lambda device: True,
+             "qk_norm_rotary": KeepsWhatTheQKNormOpKeeps.apply, "relu2_mlp": KeepsWhatTheMLPOpKeeps.apply}
 
 
 def op_name(node) -> str:
@@ -91,8 +127,9 @@ def main(argv=None):
     weight_sizes = {size for param in model.Block(cfg, True).parameters() for size in param.shape} | {3 * cfg.d_model}
     if a.tokens in weight_sizes:  # a tensor is told apart as per token by having a dimension of that length
         p.error(f"--tokens {a.tokens} is also a size of {a.preset}'s weights; pick another length")
-    results, flex_attend = {}, model.attend
-    model.attend = stand_in_attend
+    results, originals = {}, {name: getattr(model, name) for name in STAND_INS}
+    for name, stand_in in STAND_INS.items():
+        setattr(model, name, stand_in)
     try:
         with functorch_config.patch(activation_memory_budget=a.activation_memory):
             for value_embed in (False, True):
@@ -102,7 +139,8 @@ def main(argv=None):
                 for what, shape, per_token in kept:
                     print(f"  {per_token:7,}  {what:10s} {list(shape)}")
     finally:
-        model.attend = flex_attend
+        for name, original in originals.items():
+            setattr(model, name, original)
     return results
 
 
