@@ -6,8 +6,9 @@ It compiles one block (with and one without a value embedding) on the CPU in bfl
 forward graph made by torch's partitioner hands to the backward, as `train.py` gets them on a GPU at
 `--activation_memory`. FlexAttention has no CPU backward and the Triton ops of triton_kernels.py do not trace on the
 CPU, so stand-ins keep what they keep: FlexAttention q, k, v and its output (its log-sum-exp, 4 bytes a head, is left
-out), the QK-norm op its outputs and the rms, the MLP op its input and h = relu(a)². Views of one tensor count once. The block's inputs are listed too:
-x0, the value embedding and the rotary tables are shared by all blocks, the block input x is its own.
+out), the QK-norm op its outputs and the rms, the MLP op its input and h = relu(a)². Views of one tensor count once.
+The block's inputs are listed too: x0, the value embedding and the rotary tables are shared by all blocks, the block
+input x is its own.
 """
 import argparse
 import sys
@@ -53,10 +54,11 @@ class KeepsWhatTheQKNormOpKeeps(torch.autograd.Function):
         return q, k, rstd
 
     @staticmethod
-    def backward(ctx, dq, dk, _):  # not a gradient: only needs every saved tensor, as the op's backward does
+    def backward(ctx, dq, dk, _):  # not a gradient: reads every saved tensor element-wise, as the op's backward does
         q, k, rstd, cos, sin = ctx.saved_tensors
-        scale = rstd.permute(1, 0, 2)[..., None] * cos.sum() * sin.sum()
-        return torch.stack([dq * q, dk * k], 1) * scale.to(q.dtype), None, None
+        g = [dy * y * r[..., None] for dy, y, r in ((dq, q, rstd[0]), (dk, k, rstd[1]))]
+        g = [torch.cat([t1 * cos[:, None], t2 * sin[:, None]], -1) for t1, t2 in (t.chunk(2, -1) for t in g)]
+        return torch.stack(g, 1), None, None
 
 
 class KeepsWhatTheMLPOpKeeps(torch.autograd.Function):
