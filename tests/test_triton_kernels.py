@@ -93,3 +93,7 @@ def test_relu2_mlp_refuses_weights_that_do_not_fit():
     for bad in ((x, w_fc.t(), w_proj), (x, w_fc, w_proj[:8]), (x, w_fc.double(), w_proj), (x[None], w_fc, w_proj)):
         with pytest.raises(ValueError, match=r"relu2_mlp wants x \[T, d_model\]"):
             kernels.relu2_mlp(*bad)
+    h = torch.zeros(8, 32, device=DEVICE)
+    for bad in (h.t().contiguous().t(), h[:4]):  # the backward reads h as the forward wrote it: contiguous [T, d_mlp]
+        with pytest.raises(ValueError, match="relu2_mlp_backward wants relu2_mlp's h"):
+            kernels.relu2_mlp_backward(x[:, :16], x, w_fc, w_proj, bad)
