@@ -112,7 +112,8 @@ def kernel_time_breakdown(kernels: list[tuple[str, float, float]], steps: int) -
     """From (name, start µs, end µs) of every kernel over `steps` steps, per step in ms: the time by kind of kernel
     (idle: the gaps between the first and the last kernel that no kernel covers), every kernel costliest first as
     (name, kind, ms, calls) per step, the exposed communication (communication kernels running while no other kernel
-    does) and the wall time from the first kernel to the last. Kernels on several streams overlap, so the kinds can add up to more than the wall time."""
+    does) and the wall time from the first kernel to the last. Kernels on several streams overlap, so the kinds can
+    add up to more than the wall time."""
     if not kernels:
         return {}, [], 0.0, 0.0
     ms = dict.fromkeys(["matmul", "attention", "element-wise", "communication", "copy", "idle"], 0.0)
