@@ -190,8 +190,10 @@ def _matmul_relu2(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor | None = Non
     (M, K), N = a.shape, b.size(1)
     c = a.new_empty(M, N)
     grid = (triton.cdiv(M, TILE["BLOCK_M"]) * triton.cdiv(N, TILE["BLOCK_N"]),)
+    # the same bytes of k per stage for any dtype: float32's 64-wide tile would need 288 KiB of shared memory
+    tile = dict(TILE, BLOCK_K=TILE["BLOCK_K"] * 2 // a.element_size())
     wrap_triton(matmul_relu2_kernel)[grid](a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c,
-                                           c if h is None else h, M, N, K, GRAD=h is not None, **TILE)
+                                           c if h is None else h, M, N, K, GRAD=h is not None, **tile)
     return c
 
 
