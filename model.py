@@ -6,8 +6,11 @@ follows modded-nanogpt: pre-norm RMSNorm without weights, QK-norm, ReLU² MLP, v
 residual mixing with the input embedding and a soft-capped head. Parameters are stored in float32; on CUDA the
 activations run in bfloat16 (weights are cast where they are used), on the CPU everything stays in float32.
 """
+import hashlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -15,9 +18,10 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 try:  # Triton comes with CUDA builds of torch; without it (a CPU build, model.py copied out alone) the formulas run
+    import triton_kernels
     from triton_kernels import qk_norm_rotary, relu2_mlp
 except ImportError:
-    qk_norm_rotary = relu2_mlp = None
+    triton_kernels = qk_norm_rotary = relu2_mlp = None
 
 BLOCK = 128  # FlexAttention's block size; the trainer makes T a multiple of it
 COMPILE_MODES = ("model", "blocks", "none")  # of compiled(): train.py --compile
@@ -280,10 +284,26 @@ class Model(nn.Module):
         return 6 * matrix_params + 12 * c.n_layer * c.d_model * mean_doc_len
 
 
+def compile_cache(root: Path, kernels_source: bytes) -> Path:
+    """The folder of torch.compile's caches for one version of triton_kernels.py.
+
+    torch's caches of compiled graphs key a torch.library.triton_op by its Triton kernels' source alone, not by the
+    Python around them (the tile, the ops' matmuls, their backward), so after an edit there a warm cache could hand
+    back the graph compiled with the ops as they were."""
+    if root.name.startswith("kernels-"):  # a process started by one that chose its folder already
+        root = root.parent
+    return root / f"kernels-{hashlib.sha256(kernels_source).hexdigest()[:16]}"
+
+
 def compiled(model: Model, mode: str) -> Model:
     """The model to call: compiled whole ("model"), with each block compiled ("blocks") or eager ("none"). Blocks
     share their compiled code (the parameters are graph inputs), so the compile time of "blocks" does not grow with
     depth; the graphs stop at block boundaries, which costs the fusions across them."""
+    if mode != "none" and triton_kernels is not None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        root = Path(cache_dir())
+        os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))  # keyed by each kernel's source and settings
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(root, Path(triton_kernels.__file__).read_bytes()))
     if mode == "model":
         return torch.compile(model, dynamic=False, fullgraph=True)
     if mode == "blocks":

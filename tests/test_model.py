@@ -1,11 +1,14 @@
 """model.py on the CPU: document masking, rotary restarts, the block mask, presets and FLOPs."""
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
-from model import BLOCK, PRESETS, Model, ModelConfig, attend, block_mask, document_mask, positions
+import model
+from model import BLOCK, PRESETS, Model, ModelConfig, attend, block_mask, compile_cache, compiled, document_mask, positions
 
 CLS, EOS, MASK = 0, 2, 32
 FULL = torch.tensor(1024, dtype=torch.int32)
@@ -175,6 +178,24 @@ def test_cuda_attention_path_and_model_trace_as_one_graph():
     loss = compiled(*batch, FULL)
     loss.backward()
     torch.testing.assert_close(loss, model(*batch, FULL))
+
+
+@pytest.mark.skipif(model.triton_kernels is None, reason="needs Triton (triton_kernels.py)")
+def test_each_version_of_the_triton_ops_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
+    # torch's graph caches key a triton_op by its kernels' source, not by the Python around them: an edit to the
+    # tile or an op's matmuls must not be served the graphs compiled before it
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    net = Model(PRESETS["tiny"])
+    compiled(net, "blocks")
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert folder.parent == tmp_path and folder.name.startswith("kernels-")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")  # Triton keys each kernel itself: shared
+    compiled(net, "blocks")  # a second compile in the process keeps its folder
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == folder
+    source = Path(model.triton_kernels.__file__).read_bytes()
+    assert compile_cache(tmp_path, source) == folder
+    assert compile_cache(tmp_path, source.replace(b"GROUP_M=4", b"GROUP_M=8")) not in (folder, tmp_path)
 
 
 def test_model_forward_and_backward_on_cpu():
