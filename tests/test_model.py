@@ -8,7 +8,8 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import model
-from model import BLOCK, PRESETS, Model, ModelConfig, attend, block_mask, compile_cache, compiled, document_mask, positions
+from model import (BLOCK, PRESETS, Model, ModelConfig, attend, block_mask, compile_cache, compiled, document_mask,
+                   positions)
 
 CLS, EOS, MASK = 0, 2, 32
 FULL = torch.tensor(1024, dtype=torch.int32)
