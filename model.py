@@ -284,15 +284,21 @@ class Model(nn.Module):
         return 6 * matrix_params + 12 * c.n_layer * c.d_model * mean_doc_len
 
 
-def compile_cache(root: Path, kernels_source: bytes) -> Path:
-    """The folder of torch.compile's caches for one version of triton_kernels.py.
+def use_compile_cache(kernels_file: Path) -> Path:
+    """Point torch.compile's caches at a folder of their own for this version of kernels_file; returns it.
 
     torch's caches of compiled graphs key a torch.library.triton_op by its Triton kernels' source alone, not by the
-    Python around them (the tile, the ops' matmuls, their backward), so after an edit there a warm cache could hand
-    back the graph compiled with the ops as they were."""
-    if root.name.startswith("kernels-"):  # a process started by one that chose its folder already
+    Python around them (in triton_kernels.py: the tile, the ops' matmuls, their backward), so after an edit there a
+    warm cache would hand back the graphs compiled with the ops as they were. Triton's own cache keys each kernel
+    by its source and constants, and stays shared."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    root = Path(cache_dir())
+    if root.name.startswith("kernels-"):  # chosen by an earlier call, or by the process that started this one
         root = root.parent
-    return root / f"kernels-{hashlib.sha256(kernels_source).hexdigest()[:16]}"
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    folder = root / f"kernels-{hashlib.sha256(kernels_file.read_bytes()).hexdigest()[:16]}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def compiled(model: Model, mode: str) -> Model:
@@ -300,10 +306,7 @@ def compiled(model: Model, mode: str) -> Model:
     share their compiled code (the parameters are graph inputs), so the compile time of "blocks" does not grow with
     depth; the graphs stop at block boundaries, which costs the fusions across them."""
     if mode != "none" and triton_kernels is not None:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-        root = Path(cache_dir())
-        os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))  # keyed by each kernel's source and settings
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(root, Path(triton_kernels.__file__).read_bytes()))
+        use_compile_cache(Path(triton_kernels.__file__))
     if mode == "model":
         return torch.compile(model, dynamic=False, fullgraph=True)
     if mode == "blocks":

@@ -1,5 +1,7 @@
 """model.py on the CPU: document masking, rotary restarts, the block mask, presets and FLOPs."""
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -8,8 +10,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import model
-from model import (BLOCK, PRESETS, Model, ModelConfig, attend, block_mask, compile_cache, compiled, document_mask,
-                   positions)
+from model import BLOCK, PRESETS, Model, ModelConfig, attend, block_mask, compiled, document_mask, positions
 
 CLS, EOS, MASK = 0, 2, 32
 FULL = torch.tensor(1024, dtype=torch.int32)
@@ -182,9 +183,7 @@ def test_cuda_attention_path_and_model_trace_as_one_graph():
 
 
 @pytest.mark.skipif(model.triton_kernels is None, reason="needs Triton (triton_kernels.py)")
-def test_each_version_of_the_triton_ops_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
-    # torch's graph caches key a triton_op by its kernels' source, not by the Python around them: an edit to the
-    # tile or an op's matmuls must not be served the graphs compiled before it
+def test_compiled_keeps_a_cache_folder_per_version_of_triton_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     net = Model(PRESETS["tiny"])
@@ -194,9 +193,42 @@ def test_each_version_of_the_triton_ops_compiles_into_a_cache_of_its_own(monkeyp
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")  # Triton keys each kernel itself: shared
     compiled(net, "blocks")  # a second compile in the process keeps its folder
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == folder
-    source = Path(model.triton_kernels.__file__).read_bytes()
-    assert compile_cache(tmp_path, source) == folder
-    assert compile_cache(tmp_path, source.replace(b"GROUP_M=4", b"GROUP_M=8")) not in (folder, tmp_path)
+
+
+OPS = """import torch
+from torch.library import triton_op
+SCALE = {scale}
+
+@triton_op("plmrun_test::scaled", mutates_args=())
+def scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * SCALE
+
+scaled.register_autograd(lambda ctx, grad: grad * SCALE)
+"""
+COMPILE_OPS = """import sys
+from pathlib import Path
+import torch
+sys.path[:0] = [sys.argv[1], "."]
+import model, ops
+model.use_compile_cache(Path(ops.__file__))
+x = torch.ones(3, requires_grad=True)
+y = torch.compile(lambda x: ops.scaled(x) + 1, fullgraph=True)(x)
+y.sum().backward()
+print(y[0].item(), x.grad[0].item())
+"""
+
+
+def test_an_edit_to_a_triton_ops_python_is_compiled_anew(tmp_path):
+    # torch's graph caches key a triton_op by its Triton kernels' source alone, not by the Python around them: with
+    # one cache folder for every version, the second run below would get the first one's y = 2 and gradient 1
+    (tmp_path / "compile_ops.py").write_text(COMPILE_OPS)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    for scale in (1.0, 2.0):
+        (tmp_path / "ops.py").write_text(OPS.format(scale=scale))
+        out = subprocess.run([sys.executable, "compile_ops.py", str(Path(model.__file__).parent)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == [str(scale + 1), str(scale)]
 
 
 def test_model_forward_and_backward_on_cpu():
