@@ -9,6 +9,7 @@ activations run in bfloat16 (weights are cast where they are used), on the CPU e
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 try:  # Triton comes with CUDA builds of torch; without it (a CPU build, model.py copied out alone) the formulas run
     import triton_kernels
-    from triton_kernels import qk_norm_rotary, relu2_mlp
+    qk_norm_rotary, relu2_mlp = triton_kernels.qk_norm_rotary, triton_kernels.relu2_mlp
 except ImportError:
     triton_kernels = qk_norm_rotary = relu2_mlp = None
 
@@ -290,12 +291,13 @@ def use_compile_cache(kernels_file: Path) -> Path:
     torch's caches of compiled graphs key a torch.library.triton_op by its Triton kernels' source alone, not by the
     Python around them (in triton_kernels.py: the tile, the ops' matmuls, their backward), so after an edit there a
     warm cache would hand back the graphs compiled with the ops as they were. Triton's own cache keys each kernel
-    by its source and constants, and stays shared."""
+    by its source and constants, and stays shared, in torch's layout (a folder per local rank). One folder is left
+    behind per version: old ones can be deleted at any time."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
-    root = Path(cache_dir())
-    if root.name.startswith("kernels-"):  # chosen by an earlier call, or by the process that started this one
+    root = Path(cache_dir()).absolute()
+    if re.fullmatch(r"kernels-[0-9a-f]{16}", root.name):  # chosen by an earlier call, or by a parent process
         root = root.parent
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton" / os.environ.get("LOCAL_RANK", "0")))
     folder = root / f"kernels-{hashlib.sha256(kernels_file.read_bytes()).hexdigest()[:16]}"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder

@@ -63,7 +63,7 @@ def test_activation_memory_budget_trades_saved_activations_for_recomputation():
         torch._dynamo.reset()
         model = perturbed_model().cuda()
         with torch._functorch.config.patch(activation_memory_budget=budget):
-            compiled = torch.compile(model, fullgraph=True, dynamic=False)
+            compiled = compile_model(model, "model")
             compiled(*batch, w).backward()  # compiles forward and backward under this budget
         model.zero_grad()
         torch.cuda.synchronize()

@@ -1,4 +1,5 @@
 """model.py on the CPU: document masking, rotary restarts, the block mask, presets and FLOPs."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -183,16 +184,18 @@ def test_cuda_attention_path_and_model_trace_as_one_graph():
 
 
 @pytest.mark.skipif(model.triton_kernels is None, reason="needs Triton (triton_kernels.py)")
-def test_compiled_keeps_a_cache_folder_per_version_of_triton_kernels(monkeypatch, tmp_path):
+def test_compiled_caches_in_the_folder_of_this_version_of_triton_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+    monkeypatch.delenv("TRITON_CACHE_DIR")  # so that the value compiled() sets is undone after the test
     net = Model(PRESETS["tiny"])
     compiled(net, "blocks")
-    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    assert folder.parent == tmp_path and folder.name.startswith("kernels-")
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")  # Triton keys each kernel itself: shared
+    source = Path(model.triton_kernels.__file__).read_bytes()
+    folder = tmp_path / f"kernels-{hashlib.sha256(source).hexdigest()[:16]}"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton" / "0")  # Triton keys each kernel: shared
     compiled(net, "blocks")  # a second compile in the process keeps its folder
-    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == folder
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
 
 
 OPS = """import torch
@@ -208,11 +211,11 @@ scaled.register_autograd(lambda ctx, grad: grad * SCALE)
 COMPILE_OPS = """import sys
 from pathlib import Path
 import torch
-sys.path[:0] = [sys.argv[1], "."]
-import model, ops
-model.use_compile_cache(Path(ops.__file__))
+sys.path.insert(1, sys.argv[1])  # the repository, after this script's folder
+import edited_ops, model
+model.use_compile_cache(Path(edited_ops.__file__))
 x = torch.ones(3, requires_grad=True)
-y = torch.compile(lambda x: ops.scaled(x) + 1, fullgraph=True)(x)
+y = torch.compile(lambda x: edited_ops.scaled(x) + 1, fullgraph=True)(x)
 y.sum().backward()
 print(y[0].item(), x.grad[0].item())
 """
@@ -220,11 +223,12 @@ print(y[0].item(), x.grad[0].item())
 
 def test_an_edit_to_a_triton_ops_python_is_compiled_anew(tmp_path):
     # torch's graph caches key a triton_op by its Triton kernels' source alone, not by the Python around them: with
-    # one cache folder for every version, the second run below would get the first one's y = 2 and gradient 1
+    # one cache folder for every version, the second run below gets the first one's y = 2 and gradient 1 (torch 2.13)
     (tmp_path / "compile_ops.py").write_text(COMPILE_OPS)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")
     for scale in (1.0, 2.0):
-        (tmp_path / "ops.py").write_text(OPS.format(scale=scale))
+        (tmp_path / "edited_ops.py").write_text(OPS.format(scale=scale))
         out = subprocess.run([sys.executable, "compile_ops.py", str(Path(model.__file__).parent)], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
