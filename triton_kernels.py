@@ -146,10 +146,10 @@ qk_norm_rotary.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 # the ReLU² MLP: C = A @ B with the activation (forward) or its gradient (backward) applied before C is stored
 
-# One tile for every shape, not an autotuner's pick: another tile sums in another order, and a run would then repeat
-# to the bit only if each process picked alike. Of 18 tiles timed on an H200 at the MLP shapes of `sprint` and
-# `speedrun`, this one's forward + backward was the fastest at speedrun's and within 2.2% of the fastest at sprint's
-# (docs/throughput.md).
+# One tile for every shape (its k width halved for float32), not an autotuner's pick: another tile sums in another
+# order, and a run would then repeat to the bit only if each process picked alike. Of 18 tiles timed on an H200 at
+# the MLP shapes of `sprint` and `speedrun`, this one's forward + backward was the fastest at speedrun's and within
+# 2.2% of the fastest at sprint's (docs/throughput.md).
 TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, num_stages=3, num_warps=8)
 
 
