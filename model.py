@@ -157,7 +157,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def use_triton(device: torch.device) -> bool:
     """Whether QK-norm with rotary and the MLP run as triton_kernels.py's ops (on CUDA, with Triton) or as the
     formulas."""
-    return device.type == "cuda" and qk_norm_rotary is not None
+    return device.type == "cuda" and triton_kernels is not None
 
 
 def init_matrix(*shape: int) -> nn.Parameter:
