@@ -33,7 +33,7 @@ def tiny_tracks(attempt) -> dict:
 
 
 def copy_logs(paths, folder: Path) -> list[Path]:
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for p in paths:
         shutil.copy(p, folder)
         shutil.copy(p.with_suffix(".jsonl"), folder)
@@ -166,6 +166,7 @@ def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
     with pytest.raises(RecordError, match="2026-01-01_tiny passes check but has no write-up"):
         leaderboard(logs, readme, tiny_tracks)
     (logs / "2026-01-01_tiny" / "README.md").write_text("# tiny\n")
+    (logs / "2026-01-01_tiny" / "kernels.txt").write_text("a table the write-up cites\n")  # no .jsonl: not a log
     table = leaderboard(logs, readme, tiny_tracks)
     rows = table.splitlines()[2:]
     assert len(rows) == 1 and "old table" not in readme.read_text() and readme.read_text().endswith("more text\n")
@@ -178,6 +179,8 @@ def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
         edit_jsonl(log, run_edit("target_val_loss", lambda v: 0.0))
     jsonl = min(no_target).with_suffix(".jsonl")  # the folder's first log
     jsonl.write_text(jsonl.read_text().splitlines(keepends=True)[0])
+    assert leaderboard(logs, readme, tiny_tracks) == table
+    copy_logs(attempt, logs / "measurements" / "call1")  # logs in subfolders only: a write-up, not an attempt
     assert leaderboard(logs, readme, tiny_tracks) == table
 
     killed = copy_logs(attempt[:1], logs / "killed")  # a run killed before its run record was written

@@ -230,11 +230,12 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
     """The record table, written into readme between the leaderboard markers: one row per folder of `logs` whose
     runs pass `check` and that holds its write-up (README.md), by track, fastest mean time first; then the folders
     of attempts (runs with a target) that do not pass today's rules, each with the reason. Folders of runs without
-    a target (a sweep, or a long run in several resumed parts) are not attempts and are left out."""
+    a target (a sweep, or a long run in several resumed parts), and those whose logs lie in subfolders only (a
+    write-up of device calls), are not attempts and are left out."""
     rows, retired = [], []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
-        paths = sorted(folder.glob("*.txt"))
-        if paths and not any(run_record(p)["hyperparameters"]["target_val_loss"] for p in paths):
+        paths = sorted(p for p in folder.glob("*.txt") if p.with_suffix(".jsonl").exists())  # not a write-up's notes
+        if not any(run_record(p)["hyperparameters"]["target_val_loss"] for p in paths):
             continue
         link = f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()})"
         try:
