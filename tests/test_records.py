@@ -205,6 +205,12 @@ def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path)
     assert struct.unpack(">II", png[16:24]) == (1234, 567)
     assert len(png) > 20_000  # two panels of lines and text, not a blank canvas
 
+    part = copy_logs(attempt[:1], tmp_path / "part")[0]  # a run's part before a --resume: no final lines
+    lines = part.with_suffix(".jsonl").read_text().splitlines(keepends=True)
+    part.with_suffix(".jsonl").write_text("".join(r for r in lines if "test_loss" not in r and "target_reached" not in r))
+    plot([part, attempt[1]], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):
     with pytest.raises(RecordError, match="its .jsonl twin"):

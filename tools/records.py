@@ -47,17 +47,23 @@ def run_record(txt) -> dict:
     return record
 
 
-def read_run(txt) -> dict:
-    """The sources, run record (hyperparameters, data hash, world size, date), evaluations and outcome of a log."""
-    txt = Path(txt)
-    jsonl = txt.with_suffix(".jsonl")
-    if not txt.is_file() or not jsonl.is_file():
+def log_text(txt: Path) -> str:
+    """The text of a log that train.py wrote, finished or not."""
+    if not txt.is_file() or not txt.with_suffix(".jsonl").is_file():
         raise RecordError(f"{txt}: a run log is a .txt with its .jsonl twin beside it; one of them is missing")
-    if txt.stem.endswith((".running", ".failed")):
-        raise RecordError(f"{txt}: an unfinished log (train.py names a log RUN_ID.txt only when its run ends well)")
     text = txt.read_text()
     if text.count(SEPARATOR) < 2:
         raise RecordError(f"{txt}: no embedded source block; is it a log written by train.py?")
+    return text
+
+
+def read_run(txt) -> dict:
+    """The sources, run record (hyperparameters, data hash, world size, date), evaluations and outcome of a log."""
+    txt = Path(txt)
+    if txt.stem.endswith((".running", ".failed")):
+        raise RecordError(f"{txt}: an unfinished log (train.py names a log RUN_ID.txt only when its run ends well)")
+    text = log_text(txt)
+    jsonl = txt.with_suffix(".jsonl")
     block = text.split(SEPARATOR)[1]
     parts = SOURCE_HEADER.split(block)
     sources = {name: body[:-1] for name, body in zip(parts[1::2], parts[2::2])}  # header() added one newline
@@ -75,6 +81,14 @@ def read_run(txt) -> dict:
             "evals": [r for r in records if "val_loss" in r], "gpus": gpus, "devices": devices,
             "run_id": meta.get("run_id", txt.stem), "sha256": hashlib.sha256(text.encode()).hexdigest(),
             "losses": [r.get("train_loss", r.get("val_loss")) for r in records if "step" in r]}
+
+
+def evaluations(txt: Path) -> list[dict]:
+    """A log's validation evaluations, whether or not its run finished (a run in progress, or a part of one that
+    was continued with --resume)."""
+    log_text(txt)
+    records = map(json.loads, Path(txt).with_suffix(".jsonl").read_text().splitlines())
+    return [r for r in records if "val_loss" in r]
 
 
 def tokens_trained(run: dict) -> int:
@@ -270,23 +284,23 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
 def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     """A PNG of validation loss against training time (left) and training tokens (right), one line per log, with
     the reference trainer's curve and the target (the logs' --target_val_loss, else the track's) for comparison."""
-    runs = [read_run(p) for p in paths]  # every log is read before anything is drawn: a bad one fails fast
+    runs = [(Path(p), evaluations(Path(p)), run_record(p)) for p in paths]  # all read first: a bad log fails fast
     import matplotlib  # only here: training and the other subcommands never need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dpi = 100
     fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi, sharey=True)
-    for run in runs:
-        label = f"{run['meta']['hyperparameters']['preset']} {run['path'].stem[:8]}"
-        losses = [e["val_loss"] for e in run["evals"]]
-        by_time.plot([e["train_time_ms"] / 1000 for e in run["evals"]], losses, marker="o", label=label)
-        by_tokens.plot([e["tokens"] / 1e6 for e in run["evals"]], losses, marker="o", label=label)
+    for path, evals, meta in runs:
+        label = f"{meta['hyperparameters']['preset']} {path.stem[:8]}"
+        losses = [e["val_loss"] for e in evals]
+        by_time.plot([e["train_time_ms"] / 1000 for e in evals], losses, marker="o", label=label)
+        by_tokens.plot([e["tokens"] / 1e6 for e in evals], losses, marker="o", label=label)
     seconds, losses = zip(*REFERENCE)
     reference = dict(color="black", linestyle="--", marker="x", label="best public trainer (1x H100)")
     by_time.plot(seconds, losses, **reference)
     by_tokens.plot([s * REFERENCE_TOKENS_PER_SEC / 1e6 for s in seconds], losses, **reference)
-    targets = {run["meta"]["hyperparameters"]["target_val_loss"] for run in runs} - {0.0} or {TRACKS['sp2014'].target}
+    targets = {meta["hyperparameters"]["target_val_loss"] for _, _, meta in runs} - {0.0} or {TRACKS['sp2014'].target}
     for target in sorted(targets):
         for ax in (by_time, by_tokens):
             ax.axhline(target, color="red", linewidth=1, label=f"target {target}")
