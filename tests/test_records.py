@@ -182,6 +182,11 @@ def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
     assert leaderboard(logs, readme, tiny_tracks) == table
     copy_logs(attempt, logs / "measurements" / "call1")  # logs in subfolders only: a write-up, not an attempt
     assert leaderboard(logs, readme, tiny_tracks) == table
+    twinless = copy_logs(attempt[:1], logs / "twinless")[0]  # but a log whose .jsonl is lost is not overlooked
+    twinless.with_suffix(".jsonl").unlink()
+    with pytest.raises(RecordError, match="jsonl twin"):
+        leaderboard(logs, readme, tiny_tracks)
+    shutil.rmtree(logs / "twinless")
 
     killed = copy_logs(attempt[:1], logs / "killed")  # a run killed before its run record was written
     killed[0].with_suffix(".jsonl").write_text("")
@@ -207,7 +212,8 @@ def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path)
 
     part = copy_logs(attempt[:1], tmp_path / "part")[0]  # a run's part before a --resume: no final lines
     lines = part.with_suffix(".jsonl").read_text().splitlines(keepends=True)
-    part.with_suffix(".jsonl").write_text("".join(r for r in lines if "test_loss" not in r and "target_reached" not in r))
+    part.with_suffix(".jsonl").write_text("".join(r for r in lines if "test_loss" not in r and "target_reached" not in r)
+                                          + lines[-1][:10])  # and a line being written
     plot([part, attempt[1]], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -87,8 +87,9 @@ def evaluations(txt: Path) -> list[dict]:
     """A log's validation evaluations, whether or not its run finished (a run in progress, or a part of one that
     was continued with --resume)."""
     log_text(txt)
-    records = map(json.loads, Path(txt).with_suffix(".jsonl").read_text().splitlines())
-    return [r for r in records if "val_loss" in r]
+    text = txt.with_suffix(".jsonl").read_text()
+    complete = text[:text.rfind("\n") + 1]  # a run in progress may be writing its last line
+    return [r for r in map(json.loads, complete.splitlines()) if "val_loss" in r]
 
 
 def tokens_trained(run: dict) -> int:
@@ -244,11 +245,12 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
     """The record table, written into readme between the leaderboard markers: one row per folder of `logs` whose
     runs pass `check` and that holds its write-up (README.md), by track, fastest mean time first; then the folders
     of attempts (runs with a target) that do not pass today's rules, each with the reason. Folders of runs without
-    a target (a sweep, or a long run in several resumed parts), and those whose logs lie in subfolders only (a
-    write-up of device calls), are not attempts and are left out."""
+    a target (a sweep, or a long run in several resumed parts), and those with no log at the top (a write-up whose
+    logs lie in subfolders, one per device call), are not attempts and are left out."""
     rows, retired = [], []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
-        paths = sorted(p for p in folder.glob("*.txt") if p.with_suffix(".jsonl").exists())  # not a write-up's notes
+        paths = sorted(p for p in folder.glob("*.txt")  # the logs, not a write-up's notes
+                       if p.with_suffix(".jsonl").exists() or SEPARATOR in p.read_text())
         if not any(run_record(p)["hyperparameters"]["target_val_loss"] for p in paths):
             continue
         link = f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()})"
@@ -283,8 +285,9 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
 
 def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     """A PNG of validation loss against training time (left) and training tokens (right), one line per log, with
-    the reference trainer's curve and the target (the logs' --target_val_loss, else the track's) for comparison."""
-    runs = [(Path(p), evaluations(Path(p)), run_record(p)) for p in paths]  # all read first: a bad log fails fast
+    the target (the logs' --target_val_loss, else sp2014's) and, for sp2014's target, the reference trainer's curve."""
+    paths = [Path(p) for p in paths]
+    runs = [(p, evaluations(p), run_record(p)) for p in paths]  # all read first: a bad log fails fast
     import matplotlib  # only here: training and the other subcommands never need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,15 +295,16 @@ def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     dpi = 100
     fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi, sharey=True)
     for path, evals, meta in runs:
-        label = f"{meta['hyperparameters']['preset']} {path.stem[:8]}"
+        label = f"{meta['hyperparameters']['preset']} {meta['hyperparameters']['max_steps']:,} steps {path.stem[:8]}"
         losses = [e["val_loss"] for e in evals]
         by_time.plot([e["train_time_ms"] / 1000 for e in evals], losses, marker="o", label=label)
         by_tokens.plot([e["tokens"] / 1e6 for e in evals], losses, marker="o", label=label)
-    seconds, losses = zip(*REFERENCE)
-    reference = dict(color="black", linestyle="--", marker="x", label="best public trainer (1x H100)")
-    by_time.plot(seconds, losses, **reference)
-    by_tokens.plot([s * REFERENCE_TOKENS_PER_SEC / 1e6 for s in seconds], losses, **reference)
     targets = {meta["hyperparameters"]["target_val_loss"] for _, _, meta in runs} - {0.0} or {TRACKS['sp2014'].target}
+    if TRACKS["sp2014"].target in targets:  # the reference ran that track only
+        seconds, losses = zip(*REFERENCE)
+        reference = dict(color="black", linestyle="--", marker="x", label="best public trainer (1x H100)")
+        by_time.plot(seconds, losses, **reference)
+        by_tokens.plot([s * REFERENCE_TOKENS_PER_SEC / 1e6 for s in seconds], losses, **reference)
     for target in sorted(targets):
         for ax in (by_time, by_tokens):
             ax.axhline(target, color="red", linewidth=1, label=f"target {target}")
