@@ -41,10 +41,16 @@ def run_record(txt) -> dict:
     jsonl = Path(txt).with_suffix(".jsonl")
     if not jsonl.is_file():
         raise RecordError(f"{txt}: a run log is a .txt with its .jsonl twin beside it; the .jsonl is missing")
-    record = next((r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("kind") == "run"), None)
+    record = next((r for r in jsonl_records(jsonl) if r.get("kind") == "run"), None)
     if record is None:
         raise RecordError(f"{jsonl}: no run record; the run stopped before it started logging")
     return record
+
+
+def jsonl_records(jsonl: Path) -> list[dict]:
+    """The records of a log's .jsonl twin, but for a last line that a run in progress is still writing."""
+    text = jsonl.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def log_text(txt: Path) -> str:
@@ -63,12 +69,12 @@ def read_run(txt) -> dict:
     if txt.stem.endswith((".running", ".failed")):
         raise RecordError(f"{txt}: an unfinished log (train.py names a log RUN_ID.txt only when its run ends well)")
     text = log_text(txt)
-    jsonl = txt.with_suffix(".jsonl")
     block = text.split(SEPARATOR)[1]
     parts = SOURCE_HEADER.split(block)
     sources = {name: body[:-1] for name, body in zip(parts[1::2], parts[2::2])}  # header() added one newline
     meta = run_record(txt)
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    jsonl = txt.with_suffix(".jsonl")
+    records = jsonl_records(jsonl)
     outcome = next((r for r in records if "target_reached" in r), None)
     final = next((r for r in records if "test_loss" in r), None)
     if outcome is None or final is None:
@@ -87,9 +93,7 @@ def evaluations(txt: Path) -> list[dict]:
     """A log's validation evaluations, whether or not its run finished (a run in progress, or a part of one that
     was continued with --resume)."""
     log_text(txt)
-    text = txt.with_suffix(".jsonl").read_text()
-    complete = text[:text.rfind("\n") + 1]  # a run in progress may be writing its last line
-    return [r for r in map(json.loads, complete.splitlines()) if "val_loss" in r]
+    return [r for r in jsonl_records(txt.with_suffix(".jsonl")) if "val_loss" in r]
 
 
 def tokens_trained(run: dict) -> int:
