@@ -12,7 +12,8 @@ import pytest
 import train
 from test_train import REPO, tiny
 from data.tracks import Track
-from tools.records import BOARD_END, BOARD_START, RecordError, check, leaderboard, plot, reproduce, t_sf
+from tools.records import (BOARD_END, BOARD_START, RecordError, check, labels, leaderboard, plot, reproduce,
+                           run_record, t_sf)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +217,14 @@ def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path)
                                           + lines[-1][:10])  # and a line being written
     plot([part, attempt[1]], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_labels_name_what_the_runs_differ_in(attempt, tmp_path):
+    runs = [(p, [], run_record(p)) for p in copy_logs(attempt, tmp_path / "runs")]
+    runs[2][2]["hyperparameters"]["mask_rate"] = 0.25  # the lever of an A/B
+    runs[2][2]["hyperparameters"]["log_dir"] = "elsewhere"  # where a run was kept is no lever
+    assert labels(runs) == [f"tiny 4 steps mask_rate={rate} seed={meta['hyperparameters']['seed']} {p.stem[:8]}"
+                            for (p, _, meta), rate in zip(runs, (0.15, 0.15, 0.25))]
 
 
 def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):

@@ -287,6 +287,22 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
     return "\n".join(table)
 
 
+UNLABELLED = {"preset", "max_steps", "data", "log_dir", "log_every", "val_every", "target_val_loss", "stop_at_target",
+              "checkpoint_dir", "resume", "save_every", "keep_checkpoints", "num_workers", "compile", "wandb_project",
+              "hf_repo"}  # how a run was watched and kept, not what it trained
+
+
+def labels(runs: list) -> list[str]:
+    """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
+    which the plotted runs differ, so the lever of an A/B is in its label, then the log's id. A flag that an older
+    log lacks is left out: its run had the flag's effect at its default, or none."""
+    hyperparameters = [meta["hyperparameters"] for _, _, meta in runs]
+    names = sorted(set.intersection(*(set(h) for h in hyperparameters)) - UNLABELLED)
+    differ = [k for k in names if len({repr(h[k]) for h in hyperparameters}) > 1]
+    return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h[k]}" for k in differ)
+            + f" {path.stem[:8]}" for (path, _, _), h in zip(runs, hyperparameters)]
+
+
 def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     """A PNG of validation loss against training time (left) and training tokens (right), one line per log, with
     the target (the logs' --target_val_loss, else sp2014's) and, for sp2014's target, the reference trainer's curve."""
@@ -298,8 +314,7 @@ def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
 
     dpi = 100
     fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi, sharey=True)
-    for path, evals, meta in runs:
-        label = f"{meta['hyperparameters']['preset']} {meta['hyperparameters']['max_steps']:,} steps {path.stem[:8]}"
+    for (path, evals, meta), label in zip(runs, labels(runs)):
         losses = [e["val_loss"] for e in evals]
         by_time.plot([e["train_time_ms"] / 1000 for e in evals], losses, marker="o", label=label)
         by_tokens.plot([e["tokens"] / 1e6 for e in evals], losses, marker="o", label=label)
