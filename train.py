@@ -356,6 +356,13 @@ class Trainer:
         self.data_hash = self.broadcast(data_hash)
         if isinstance(self.data_hash, Exception):
             raise RunError(str(self.data_hash))
+        self.clusters = None  # the fingerprint covers the shards only: the log names the clustering sampled by
+        if a.sample_by_cluster:
+            shards = json.loads((Path(a.data) / "manifest.json").read_text())["splits"]["train"]["shards"]
+            if not all("clusters" in s for s in shards):
+                raise RunError(f"--sample_by_cluster needs the training documents' clusters, and {a.data} was made "
+                               f"without them; remake it with data/prepare.py --clusters TSV (sp2014's: data/sp2014.py)")
+            self.clusters = [s["clusters"]["sha256"] for s in shards]
         self.ckpt = None
         if a.resume:
             try:
@@ -408,15 +415,12 @@ class Trainer:
         problems = track and track_problems(track, self.data_hash, dataclasses.asdict(a), self.world, devices)
         track_line = ("none (no track has these data and target)" if track is None else
                       track.name if not problems else f"none (not {track.name}: {'; '.join(problems)})")
-        clusters = None  # the fingerprint covers the shards only: name the clustering sampled by
-        if a.sample_by_cluster:
-            shards = json.loads((Path(a.data) / "manifest.json").read_text())["splits"]["train"]["shards"]
-            clusters = [s["clusters"]["sha256"] for s in shards]
-            log.header("clusters sha256: " + " ".join(clusters))
+        if self.clusters:
+            log.header("clusters sha256: " + " ".join(self.clusters))
         date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         log.header(f"date: {date}\ndata sha256: {self.data_hash}\ndevices: {', '.join(devices)}\ntrack: {track_line}",
                    kind="run", run_id=self.run_id, date=date, world_size=self.world, devices=devices,
-                   hyperparameters=dataclasses.asdict(a), data_sha256=self.data_hash, clusters_sha256=clusters)
+                   hyperparameters=dataclasses.asdict(a), data_sha256=self.data_hash, clusters_sha256=self.clusters)
 
     def build(self):
         """The model, optimizer, frozen evaluation sets and training loader."""

@@ -240,3 +240,10 @@ def test_a_run_sampling_by_cluster_names_its_cluster_files(clustered, tmp_path):
     assert next(r for r in records(tmp_path / "logs") if r.get("kind") == "run")["clusters_sha256"] == expected
     (log,) = (tmp_path / "logs").glob("*.txt")
     assert f"\nclusters sha256: {' '.join(expected)}\n" in log.read_text()
+
+
+def test_sampling_by_cluster_on_shards_made_without_clusters_says_how_to_make_them(small_shards, tmp_path):
+    import train
+    from test_train import tiny
+    with pytest.raises(train.RunError, match="made without them; remake it with data/prepare.py --clusters TSV"):
+        train.Trainer(tiny(small_shards, tmp_path, sample_by_cluster=True))
