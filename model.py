@@ -154,6 +154,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def lookup(one_hot: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The rows of table [vocab, d] that one_hot [T, n >= vocab] picks, in one_hot's dtype: a matmul with the table
+    padded by zero rows to n."""
+    return one_hot @ F.pad(table, (0, 0, 0, one_hot.size(1) - table.size(0))).to(one_hot.dtype)
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether QK-norm with rotary and the MLP run as triton_kernels.py's ops (on CUDA, with Triton) or as the
     formulas."""
@@ -250,10 +256,11 @@ class Model(nn.Module):
         rot = self.rope_cos[pos], self.rope_sin[pos]  # float32
         # the lookups as matmuls with one-hot rows, so that their backward is a matmul too, whose sums run in the same
         # order every time: a lookup's backward adds T rows into vocab_size with atomic adds, in another order every
-        # run, and so no two runs of one seed trained alike
-        one_hot = F.one_hot(input_ids.long(), self.cfg.vocab_size).to(dtype)
-        x = x0 = norm(one_hot @ self.embed.weight.to(dtype))
-        ve = [one_hot @ table.weight.to(dtype) for table in self.value_embeds]
+        # run, and so no two runs of one seed trained alike. The rows are padded to a multiple of 8 columns (40 for 33
+        # tokens): at 33 (66 bytes in bfloat16) cuBLAS ran these matmuls and their backward in unaligned kernels
+        one_hot = F.one_hot(input_ids.long(), 8 * math.ceil(self.cfg.vocab_size / 8)).to(dtype)
+        x = x0 = norm(lookup(one_hot, self.embed.weight))
+        ve = [lookup(one_hot, table.weight) for table in self.value_embeds]
         ve = ve + [None] * (L - 2 * len(ve)) + ve[::-1]
         skips = []
         for i, block in enumerate(self.blocks):

@@ -246,6 +246,15 @@ def test_model_forward_and_backward_on_cpu():
         model(ids[:-1], doc[:-1], mask_idx, targets, FULL)
 
 
+def test_a_lookup_in_padded_one_hot_rows_picks_each_tokens_row_and_grads_only_its_table():
+    table = torch.randn(33, 16, requires_grad=True)
+    ids = torch.randint(0, 33, (300,))
+    rows = model.lookup(torch.nn.functional.one_hot(ids, 40).float(), table)
+    assert torch.equal(rows, table[ids])
+    rows.sum().backward()
+    assert table.grad.shape == (33, 16) and torch.equal(table.grad[:, 0], torch.bincount(ids, minlength=33).float())
+
+
 def test_presets_build_and_count_parameters():
     for name, cfg in PRESETS.items():
         with torch.device("meta"):
