@@ -225,6 +225,11 @@ def test_plot_labels_name_what_the_runs_differ_in(attempt, tmp_path):
     runs[2][2]["hyperparameters"]["log_dir"] = "elsewhere"  # where a run was kept is no lever
     assert labels(runs) == [f"tiny 4 steps mask_rate={rate} seed={meta['hyperparameters']['seed']} {p.stem[:8]}"
                             for (p, _, meta), rate in zip(runs, (0.15, 0.15, 0.25))]
+    del runs[0][2]["hyperparameters"]["sample_by_cluster"]  # a log from before the flag: it ran at the default
+    runs[1][2]["hyperparameters"]["sample_by_cluster"] = True
+    assert [label.split()[4] for label in labels(runs)] == ["sample_by_cluster=False", "sample_by_cluster=True",
+                                                            "sample_by_cluster=False"]
+    assert labels(runs[:1]) == [f"tiny 4 steps {runs[0][0].stem[:8]}"]  # one run: nothing to tell apart
 
 
 def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):

@@ -8,6 +8,7 @@
 A log is the `.txt` that train.py writes (full source, command, environment) with its `.jsonl` twin (the numbers).
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -287,18 +288,19 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
     return "\n".join(table)
 
 
-UNLABELLED = {"preset", "max_steps", "data", "log_dir", "log_every", "val_every", "target_val_loss", "stop_at_target",
-              "checkpoint_dir", "resume", "save_every", "keep_checkpoints", "num_workers", "compile", "wandb_project",
-              "hf_repo"}  # how a run was watched and kept, not what it trained
+# and those that say how a run was watched or compiled (its graphs, not its model): left out of plot labels
+UNLABELLED = OUTPUT_FLAGS | {"preset", "max_steps", "log_every", "val_every", "target_val_loss", "stop_at_target",
+                             "compile"}
 
 
 def labels(runs: list) -> list[str]:
     """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
     which the plotted runs differ, so the lever of an A/B is in its label, then the log's id. A flag that an older
-    log lacks is left out: its run had the flag's effect at its default, or none."""
-    hyperparameters = [meta["hyperparameters"] for _, _, meta in runs]
-    names = sorted(set.intersection(*(set(h) for h in hyperparameters)) - UNLABELLED)
-    differ = [k for k in names if len({repr(h[k]) for h in hyperparameters}) > 1]
+    log lacks counts at its default: the code before the flag did what its default does."""
+    from train import Hyperparameters  # only here: torch is needed for nothing else in this module
+    defaults = dataclasses.asdict(Hyperparameters())
+    hyperparameters = [{**defaults, **meta["hyperparameters"]} for _, _, meta in runs]
+    differ = [k for k in sorted(defaults.keys() - UNLABELLED) if len({repr(h[k]) for h in hyperparameters}) > 1]
     return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h[k]}" for k in differ)
             + f" {path.stem[:8]}" for (path, _, _), h in zip(runs, hyperparameters)]
 
@@ -313,7 +315,8 @@ def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     import matplotlib.pyplot as plt
 
     dpi = 100
-    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi, sharey=True)
+    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi, sharey=True,
+                                          layout="constrained")
     for (path, evals, meta), label in zip(runs, labels(runs)):
         losses = [e["val_loss"] for e in evals]
         by_time.plot([e["train_time_ms"] / 1000 for e in evals], losses, marker="o", label=label)
@@ -331,8 +334,7 @@ def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
     by_tokens.set(xlabel="training tokens (millions)")
     for ax in (by_time, by_tokens):
         ax.grid(alpha=0.3)
-    by_tokens.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(*by_time.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     print(f"wrote {out}")
