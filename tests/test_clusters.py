@@ -245,5 +245,7 @@ def test_a_run_sampling_by_cluster_names_its_cluster_files(clustered, tmp_path):
 def test_sampling_by_cluster_on_shards_made_without_clusters_says_how_to_make_them(small_shards, tmp_path):
     import train
     from test_train import tiny
+    h = tiny(small_shards, tmp_path, sample_by_cluster=True)
     with pytest.raises(train.RunError, match="made without them; remake it with data/prepare.py --clusters TSV"):
-        train.Trainer(tiny(small_shards, tmp_path, sample_by_cluster=True))
+        train.main(h)
+    assert not Path(h.log_dir).exists()  # refused before any log was opened

@@ -251,6 +251,8 @@ def test_a_lookup_in_padded_one_hot_rows_picks_each_tokens_row_and_grads_only_it
     ids = torch.randint(0, 33, (300,))
     rows = model.lookup(torch.nn.functional.one_hot(ids, 40).float(), table)
     assert torch.equal(rows, table[ids])
+    half = model.lookup(torch.nn.functional.one_hot(ids, 40).bfloat16(), table)  # the dtype training runs in
+    assert half.dtype == torch.bfloat16 and torch.equal(half, table.bfloat16()[ids])
     rows.sum().backward()
     assert table.grad.shape == (33, 16) and torch.equal(table.grad[:, 0], torch.bincount(ids, minlength=33).float())
 
