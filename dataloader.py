@@ -245,6 +245,16 @@ def replace_80_10_10(ids: np.ndarray, chosen: np.ndarray, rng: np.random.Generat
 GROUP_SHARDS = 4
 
 
+def cluster_sha256s(folder) -> list[str]:
+    """The sha256 of each training shard's cluster file, as the folder's manifest.json lists them: what a run that
+    samples by cluster names, since the data fingerprint covers the shards only."""
+    shards = json.loads((Path(folder) / "manifest.json").read_text())["splits"]["train"]["shards"]
+    if not all("clusters" in s for s in shards):
+        raise ValueError(f"--sample_by_cluster needs the training documents' clusters, and {folder} was made without "
+                         f"them; remake it with data/prepare.py --clusters TSV (sp2014's: data/sp2014.py)")
+    return [s["clusters"]["sha256"] for s in shards]
+
+
 def cluster_members(files) -> tuple:
     """For the shards' cluster files: (first document of each shard in a numbering over all shards in order,
     every document sorted by cluster, where each cluster starts in that order, each cluster's size)."""

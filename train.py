@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch._functorch import config as functorch_config
 
 from data.tracks import TRACKS, track_of, track_problems
-from dataloader import TrainLoader, eval_batches, letter_frequency_totals, verified_fingerprint
+from dataloader import TrainLoader, cluster_sha256s, eval_batches, letter_frequency_totals, verified_fingerprint
 from model import COMPILE_MODES, PRESETS, Model, compiled, cpu_attention_bytes, use_triton, window_size
 from optimizer import build_optimizer, lr_multiplier, muon_momentum_at
 
@@ -356,13 +356,10 @@ class Trainer:
         self.data_hash = self.broadcast(data_hash)
         if isinstance(self.data_hash, Exception):
             raise RunError(str(self.data_hash))
-        self.clusters = None  # the fingerprint covers the shards only: the log names the clustering sampled by
-        if a.sample_by_cluster:
-            shards = json.loads((Path(a.data) / "manifest.json").read_text())["splits"]["train"]["shards"]
-            if not all("clusters" in s for s in shards):
-                raise RunError(f"--sample_by_cluster needs the training documents' clusters, and {a.data} was made "
-                               f"without them; remake it with data/prepare.py --clusters TSV (sp2014's: data/sp2014.py)")
-            self.clusters = [s["clusters"]["sha256"] for s in shards]
+        try:
+            self.clusters = cluster_sha256s(a.data) if a.sample_by_cluster else None
+        except ValueError as e:
+            raise RunError(str(e)) from None
         self.ckpt = None
         if a.resume:
             try:
