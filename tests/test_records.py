@@ -12,8 +12,8 @@ import pytest
 import train
 from test_train import REPO, tiny
 from data.tracks import Track
-from tools.records import (BOARD_END, BOARD_START, RecordError, check, labels, leaderboard, plot, reproduce,
-                           run_record, t_sf)
+from tools.records import (BOARD_END, BOARD_START, RecordError, check, labels, leaderboard, log_paths, plot,
+                           reproduce, run_record, t_sf)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,23 @@ def test_check_accepts_an_attempt(attempt, tiny_tracks):
     assert result["track"] == "tiny" and len(result["table"].splitlines()) == 2 + 3
     with pytest.raises(RecordError, match="no track of data/tracks.py has these runs' data"):
         check(attempt)  # the real tracks: these are no sp2014 runs
+
+
+def test_a_folder_stands_for_the_logs_at_its_top(attempt, tiny_tracks, tmp_path):
+    record = tmp_path / "RECORD"
+    logs = copy_logs(attempt, record)
+    (record / "README.md").write_text("the write-up\n")
+    (record / "notes.txt").write_text("notes beside the logs\n")
+    (record / "arm").mkdir()  # a subfolder's logs are another arm's, not this attempt's
+    copy_logs(attempt[:1], record / "arm" / "logs")
+    assert log_paths([record]) == sorted(logs)
+    assert check(log_paths([record]), tiny_tracks)["runs"] == 3
+    (tmp_path / "empty").mkdir()
+    cli = subprocess.run([sys.executable, "-m", "tools.records", "check", str(tmp_path / "empty")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip() == f"records: {tmp_path / 'empty'}: no run logs (RUN_ID.txt beside RUN_ID.jsonl) in " \
+                                 "this folder"
 
 
 def run_edit(key, change):

@@ -64,6 +64,26 @@ def log_text(txt: Path) -> str:
     return text
 
 
+def folder_logs(folder: Path) -> list[Path]:
+    """The run logs at the top of a folder: the .txt files with a .jsonl twin or an embedded source block, not a
+    write-up's notes."""
+    return sorted(p for p in folder.glob("*.txt") if p.with_suffix(".jsonl").exists() or SEPARATOR in p.read_text())
+
+
+def log_paths(paths: list[Path]) -> list[Path]:
+    """The command line's logs, a folder standing for the logs at its top (logs_to_keep/RECORD for its runs)."""
+    logs = []
+    for path in paths:
+        if path.is_dir():
+            found = folder_logs(path)
+            if not found:
+                raise RecordError(f"{path}: no run logs (RUN_ID.txt beside RUN_ID.jsonl) in this folder")
+            logs += found
+        else:
+            logs.append(path)
+    return logs
+
+
 def read_run(txt) -> dict:
     """The sources, run record (hyperparameters, data hash, world size, date), evaluations and outcome of a log."""
     txt = Path(txt)
@@ -254,8 +274,7 @@ def leaderboard(logs: Path, readme: Path, tracks: dict = TRACKS) -> str:
     logs lie in subfolders, one per device call), are not attempts and are left out."""
     rows, retired = [], []
     for folder in sorted(p for p in logs.iterdir() if p.is_dir()):
-        paths = sorted(p for p in folder.glob("*.txt")  # the logs, not a write-up's notes
-                       if p.with_suffix(".jsonl").exists() or SEPARATOR in p.read_text())
+        paths = folder_logs(folder)
         if not any(run_record(p)["hyperparameters"]["target_val_loss"] for p in paths):
             continue
         link = f"[{folder.name}]({folder.relative_to(readme.parent).as_posix()})"
@@ -355,7 +374,8 @@ def pixels(text: str) -> tuple[int, int]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("check", help="check the runs of one attempt").add_argument("logs", nargs="+", type=Path)
+    sub.add_parser("check", help="check the runs of one attempt").add_argument(
+        "logs", nargs="+", type=Path, help="run logs (RUN_ID.txt), or a folder of them")
     r = sub.add_parser("reproduce", help="rebuild a run's sources and print or run its command")
     r.add_argument("log", type=Path)
     r.add_argument("--out", type=Path, required=True, help="folder for the rebuilt source files")
@@ -364,18 +384,18 @@ def main(argv=None):
     b.add_argument("--logs", type=Path, default=REPO / "logs_to_keep")
     b.add_argument("--readme", type=Path, default=REPO / "README.md")
     g = sub.add_parser("plot", help="plot validation loss against time and tokens, beside the reference")
-    g.add_argument("logs", nargs="+", type=Path)
+    g.add_argument("logs", nargs="+", type=Path, help="run logs (RUN_ID.txt), or folders of them")
     g.add_argument("--out", type=Path, required=True, help="the PNG to write")
     g.add_argument("--size", type=pixels, default=(1400, 500), help="WIDTHxHEIGHT in pixels (default 1400x500)")
     a = p.parse_args(argv)
     if a.command == "check":
-        result = check(a.logs)
+        result = check(log_paths(a.logs))
         print(result["table"] + "\n" + result["summary"])
         return result
     if a.command == "reproduce":
         return reproduce(a.log, a.out, a.run)
     if a.command == "plot":
-        return plot(a.logs, a.out, *a.size)
+        return plot(log_paths(a.logs), a.out, *a.size)
     print(leaderboard(a.logs, a.readme))
 
 
