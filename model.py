@@ -184,13 +184,18 @@ class Attention(nn.Module):
         T, w = x.size(0), self.qkv.type_as(x)
         # v from a matmul of its own: as a slice of one qkv product it would keep q and k before their norms alive
         qk = F.linear(x, w[:2].flatten(0, 1)).view(T, 2, self.n_head, self.head_dim)
-        v = F.linear(x, w[2]).view(T, self.n_head, self.head_dim)
+        if ve is None:
+            v = F.linear(x, w[2])
+        else:  # lambda0 v + lambda1 ve with the scalars in the weights and the sum in the matmul's epilogue: no pass
+            # over v and ve of its own, forward or backward
+            one_hot, table = ve
+            v = torch.addmm(lookup(one_hot, self.ve_lambdas[1] * table), x,
+                            (self.ve_lambdas[0] * self.qkv[2]).type_as(x).mT)
+        v = v.view(T, self.n_head, self.head_dim)
         if use_triton(x.device):
             q, k, _ = qk_norm_rotary(qk, *rot)
         else:
             q, k = (apply_rotary(norm(t), *rot) for t in qk.unbind(1))
-        if ve is not None:
-            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
         y = attend(q, k, v, mask).reshape(T, -1)
         return F.linear(y, self.proj.type_as(y))
 
@@ -260,7 +265,7 @@ class Model(nn.Module):
         # tokens): at 33 (66 bytes in bfloat16) cuBLAS ran these matmuls and their backward in unaligned kernels
         one_hot = F.one_hot(input_ids.long(), 8 * math.ceil(self.cfg.vocab_size / 8)).to(dtype)
         x = x0 = norm(lookup(one_hot, self.embed.weight))
-        ve = [lookup(one_hot, table.weight) for table in self.value_embeds]
+        ve = [(one_hot, table.weight) for table in self.value_embeds]  # each layer looks its table up, scaled
         ve = ve + [None] * (L - 2 * len(ve)) + ve[::-1]
         skips = []
         for i, block in enumerate(self.blocks):

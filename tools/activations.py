@@ -7,10 +7,11 @@ forward graph made by torch's partitioner hands to the backward, as `train.py` g
 `--activation_memory`. FlexAttention has no CPU backward and the Triton ops of triton_kernels.py do not trace on the
 CPU, so stand-ins keep what they keep: FlexAttention q, k, v and its output (its log-sum-exp, 4 bytes a head, is left
 out), the QK-norm op its outputs and the rms, the MLP op its input and h = relu(a)². Views of one tensor count once.
-The block's inputs are listed too: x0, the value embedding and the rotary tables are shared by all blocks, the block
-input x is its own.
+The block's inputs are listed too: x0, the value embedding's one-hot rows and the rotary tables are shared by all
+blocks, the block input x is its own.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -109,7 +110,11 @@ def kept_tensors(cfg: model.ModelConfig, value_embed: bool, tokens: int) -> list
                            partition_fn=min_cut_rematerialization_partition)
     torch.manual_seed(0)
     block, dtype = model.Block(cfg, value_embed), torch.bfloat16
-    x, x0, ve = (torch.randn(tokens, cfg.d_model, dtype=dtype, requires_grad=True) for _ in range(3))
+    x, x0 = (torch.randn(tokens, cfg.d_model, dtype=dtype, requires_grad=True) for _ in range(2))
+    # a value embedding: one-hot rows as Model.forward makes them, and the table the block looks up in them
+    ids = torch.arange(tokens) % cfg.vocab_size
+    ve = (torch.nn.functional.one_hot(ids, 8 * math.ceil(cfg.vocab_size / 8)).to(dtype),
+          torch.randn(cfg.vocab_size, cfg.d_model, requires_grad=True))
     positions = torch.arange(tokens) % cfg.max_len
     # in bfloat16, shared by all blocks as x0 is: cast inside apply_rotary they would count in every block
     rot = tuple(t[positions].to(dtype) for t in model.rotary_tables(cfg))
