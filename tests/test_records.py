@@ -156,8 +156,12 @@ def test_check_rejects_other_code_other_data_and_weak_evidence(attempt, tiny_tra
     for p in weak:
         edit_jsonl(p, run_edit("target_val_loss", lambda v: target))
     weak_tracks = {"tiny": dataclasses.replace(tiny_tracks["tiny"], target=target)}
-    with pytest.raises(RecordError, match="p < 0.01"):
+    with pytest.raises(RecordError, match=f"the mean validation loss .* ± .* of 3 runs is not below the target "
+                                          f"{target} with p < 0.01") as weak_error:
         check(weak, weak_tracks)
+    rows = weak_error.value.table.splitlines()[2:]  # the runs it weighed, by seed: the user sees what to add
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1", "| 2"]
+    assert sorted(row.split(" | ")[1] for row in rows) == sorted(f"{loss:.4f}" for loss in losses)
 
 
 def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_path):

@@ -33,7 +33,9 @@ REFERENCE_TOKENS_PER_SEC = 312_600
 
 
 class RecordError(Exception):
-    pass
+    def __init__(self, message: str, table: str = ""):
+        super().__init__(message)
+        self.table = table  # the attempt's runs, when check got as far as their losses
 
 
 def run_record(txt) -> dict:
@@ -236,8 +238,9 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
                          f"{std:.4f} (target {target}, one-sided p = {p:.2e}), time {result['time_mean_s']:.2f} ± "
                          f"{result['time_std_s']:.2f} s")
     if p >= 0.01:
-        raise RecordError(f"the mean validation loss {mean:.4f} is not below the target {target} with p < 0.01 "
-                          f"(p = {p:.3g}); add runs (seeds {len(runs)}, {len(runs) + 1}, ...) or train further")
+        raise RecordError(f"the mean validation loss {mean:.4f} ± {std:.4f} of {len(runs)} runs is not below the "
+                          f"target {target} with p < 0.01 (p = {p:.3g}); add runs (seeds {len(runs)}, "
+                          f"{len(runs) + 1}, ...) or train further", result["table"])
     return result
 
 
@@ -403,4 +406,6 @@ if __name__ == "__main__":
     try:
         main()
     except RecordError as e:
+        if e.table:
+            print(e.table)
         sys.exit(f"records: {e}")
