@@ -282,6 +282,27 @@ def test_the_kernel_breakdown_counts_communication_as_exposed_only_where_no_othe
     assert bench.kernel_time_breakdown([], steps=3) == ({}, [], 0.0, 0.0)
 
 
+def test_the_bench_names_the_ops_that_launched_each_kernel():
+    """Each kernel of the bench's table comes with the CPU ops that launched it: the outermost (where in the step)
+    and the innermost three (which op), so a costly copy or element-wise pass can be traced to its line."""
+    x = torch.randn(64, 64, device="cuda" if torch.cuda.is_available() else "cpu")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if x.is_cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("step"), torch.profiler.record_function("update"):
+            x.to(torch.bfloat16)
+        torch.baddbmm(x[None], x[None], x[None], beta=0.5)  # on CUDA: a copy of its input, then the matmul
+        torch.cuda.synchronize() if x.is_cuda else None
+    chains = {bench.launcher(e) for e in prof.events() if e.name == "aten::copy_"}
+    assert "step > ... > aten::to > aten::_to_copy > aten::copy_" in chains  # deeper than 4: first, ..., last 3
+    launchers = bench.kernel_launchers(prof.events())
+    if not x.is_cuda:
+        assert launchers == {}  # no kernels on the CPU
+    else:  # the copy runs inside baddbmm, through the dispatcher (aten::copy_) or not
+        copies = [chain for name, chain in launchers.items() if name.startswith("Memcpy DtoD")]
+        assert len(copies) == 1 and copies[0] in {"aten::baddbmm (1 of 1 calls)",
+                                                  "aten::baddbmm > aten::copy_ (1 of 1 calls)"}, copies
+
+
 def test_mean_keys_per_token_counts_documents_not_padding():
     from dataloader import Batch
     ids = torch.tensor([0, 5, 2, 0, 5, 5, 2, 1, 1], dtype=torch.int32)  # documents of 3 and 4 tokens, 2 <pad>

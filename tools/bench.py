@@ -1,5 +1,6 @@
 """train.py --bench_steps N: steady-state throughput, MFU and where the GPU time goes. Kept out of train.py, whose
 source every run log embeds, because it never trains."""
+import collections
 import math
 import time
 
@@ -57,6 +58,7 @@ def benchmark(trainer, compile_s: float) -> dict:
         del optimizer.step
         (r["gpu_ms_per_step"], r["kernels"], r["exposed_communication_ms"],
          r["profiled_ms_per_step"]) = gpu_time_breakdown(prof, steps=3)
+        r["kernel_launchers"] = kernel_launchers(prof.events())
         r["optimizer_ms_per_step"] = sum(start.elapsed_time(end) for start, end in spans) / len(spans)
         gpu_total = r["profiled_ms_per_step"] or float("nan")  # nan: the profiler saw no kernel
         text += (f" | peak memory {r['peak_memory_gib']:.1f} GiB\nGPU time per step (profiled, {gpu_total:.1f} ms "
@@ -66,8 +68,10 @@ def benchmark(trainer, compile_s: float) -> dict:
                  f"({100 * r['optimizer_ms_per_step'] / gpu_total:.1f}%; its kernels are counted above by kind)")
         text += (f"\n  communication no other kernel hid (waits for slower ranks included): "
                  f"{r['exposed_communication_ms']:.1f} ms ({100 * r['exposed_communication_ms'] / gpu_total:.1f}%)")
-        text += "\ntop kernels (ms and calls per step; the .jsonl record lists them all):\n" + "\n".join(
-            f"  {ms:8.2f}  {calls:5.0f}x  {cat:13s} {name}" for name, cat, ms, calls in r["kernels"][:12])
+        text += ("\ntop kernels (ms and calls per step, and the ops that launched most of the calls; the .jsonl "
+                 "record lists them all):\n") + "\n".join(
+            f"  {ms:8.2f}  {calls:5.0f}x  {cat:13s} {name}\n{'':34s}<- {r['kernel_launchers'].get(name, '?')}"
+            for name, cat, ms, calls in r["kernels"][:12])
     log.line(text, **r)
     return r
 
@@ -98,6 +102,29 @@ def kernel_category(name: str) -> str:
     if "memcpy" in n or "memset" in n:
         return "copy"
     return "element-wise"
+
+
+def launcher(event) -> str:
+    """The CPU ops that launched a kernel, from the op whose kernels hold it up through its parents: all of them
+    when there are at most 4, else the outermost and the innermost 3 ("Optimizer.step#MuonAdam.step > ... >
+    aten::baddbmm > aten::copy_"), which say both where in the step and in which op."""
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    chain.reverse()
+    return " > ".join(chain if len(chain) <= 4 else [chain[0], "...", *chain[-3:]])
+
+
+def kernel_launchers(events) -> dict[str, str]:
+    """For each CUDA kernel name of a torch.profiler run, the launcher of most of its calls and their share."""
+    counts = collections.defaultdict(collections.Counter)
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU:
+            for kernel in event.kernels:
+                counts[kernel.name][launcher(event)] += 1
+    return {name[:100]: f"{chain} ({n} of {c.total()} calls)"  # the names as kernel_time_breakdown cuts them
+            for name, c in counts.items() for chain, n in c.most_common(1)}
 
 
 def gpu_time_breakdown(prof, steps: int) -> tuple[dict, list, float, float]:
