@@ -178,6 +178,18 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
                            if "train_loss" in r}
     assert len(losses(first)) == 4 and losses(again) == losses(first)
 
+    # another seed of the attempt, the shards found through another path: all else as logged
+    elsewhere = tmp_path / "shards_elsewhere"
+    elsewhere.symlink_to(small_shards)
+    cmd = reproduce(log, tmp_path / "seed1", run_it=True, seed=1, data=elsewhere)
+    assert "--seed=1" in cmd and f"--data={elsewhere}" in cmd and "--seed=0" not in cmd
+    (seed1,) = set(Path(original.log_dir).glob("*.jsonl")) - {first, again}
+    meta = lambda path: json.loads(path.read_text().splitlines()[0])["hyperparameters"]
+    assert {k: v for k, v in meta(seed1).items() if k not in ("seed", "data")} == \
+        {k: v for k, v in meta(first).items() if k not in ("seed", "data")}
+    assert meta(seed1)["seed"] == 1 and losses(seed1).keys() == losses(first).keys()
+    assert losses(seed1) != losses(first)  # another seed: other weights, data order and masks
+
 
 def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
     logs = tmp_path / "logs_to_keep"

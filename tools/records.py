@@ -240,30 +240,35 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
     if p >= 0.01:
         raise RecordError(f"the mean validation loss {mean:.4f} ± {std:.4f} of {len(runs)} runs is not below the "
                           f"target {target} with p < 0.01 (p = {p:.3g}); add runs (seeds {len(runs)}, "
-                          f"{len(runs) + 1}, ...) or train further", result["table"])
+                          f"{len(runs) + 1}, ...: `python -m tools.records reproduce LOG --out DIR --seed "
+                          f"{len(runs)} --data PATH --run` runs one from one of these logs) or train further",
+                          result["table"])
     return result
 
 
-def command(run: dict) -> list[str]:
-    """The run's command, every hyperparameter spelled out: the logged train.py's defaults need not be today's."""
-    flags = [f"--{k}={v}" for k, v in run["meta"]["hyperparameters"].items()]
+def command(run: dict, **changes) -> list[str]:
+    """The run's command, every hyperparameter spelled out (the logged train.py's defaults need not be today's),
+    with `changes` (e.g. seed=3) in place of the logged values."""
+    flags = [f"--{k}={changes.get(k, v)}" for k, v in run["meta"]["hyperparameters"].items()]
     world = run["meta"]["world_size"]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
     return launcher + ["train.py"] + flags
 
 
-def reproduce(path, out: Path, run_it: bool) -> list[str]:
-    """Write the log's source files into `out` and print (or run there) its exact command."""
+def reproduce(path, out: Path, run_it: bool, seed: int | None = None, data: Path | None = None) -> list[str]:
+    """Write the log's source files into `out` and print (or run there) its exact command; with `seed`, that of
+    another run of its attempt (the rules compare all else), with `data`, the shards found elsewhere."""
     run = read_run(path)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in run["sources"].items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
-    cmd = command(run)
+    changes = {k: v for k, v in [("seed", seed), ("data", data and data.absolute())] if v is not None}
+    cmd = command(run, **changes)
     print(f"cd {shlex.quote(str(out))} && {shlex.join(cmd)}")
-    data = Path(run["meta"]["hyperparameters"]["data"])
-    if not data.is_absolute():
-        print(f"(--data {data} is relative to where the run started: run from there or pass --data=PATH)")
+    logged = Path(run["meta"]["hyperparameters"]["data"])
+    if data is None and not logged.is_absolute():
+        print(f"(--data {logged} is relative to where the run started: run from there or pass --data PATH)")
     if run_it:
         subprocess.run(cmd, cwd=out, check=True)
     return cmd
@@ -383,6 +388,8 @@ def main(argv=None):
     r.add_argument("log", type=Path)
     r.add_argument("--out", type=Path, required=True, help="folder for the rebuilt source files")
     r.add_argument("--run", action="store_true", help="run the command there")
+    r.add_argument("--seed", type=int, help="another seed of the run's attempt, in place of the logged one")
+    r.add_argument("--data", type=Path, help="the shards' folder, in place of the logged path")
     b = sub.add_parser("leaderboard", help="regenerate README.md's record table")
     b.add_argument("--logs", type=Path, default=REPO / "logs_to_keep")
     b.add_argument("--readme", type=Path, default=REPO / "README.md")
@@ -396,7 +403,7 @@ def main(argv=None):
         print(result["table"] + "\n" + result["summary"])
         return result
     if a.command == "reproduce":
-        return reproduce(a.log, a.out, a.run)
+        return reproduce(a.log, a.out, a.run, a.seed, a.data)
     if a.command == "plot":
         return plot(log_paths(a.logs), a.out, *a.size)
     print(leaderboard(a.logs, a.readme))
