@@ -154,6 +154,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def one_hot_rows(ids: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """ids as one-hot rows for lookup, padded to a multiple of 8 columns (40 for 33 tokens): at 33 (66 bytes in
+    bfloat16) cuBLAS ran the lookups' matmuls and their backward in unaligned kernels."""
+    return F.one_hot(ids.long(), 8 * math.ceil(vocab_size / 8)).to(dtype)
+
+
 def lookup(one_hot: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """The rows of table [vocab, d] that one_hot [T, n >= vocab] picks, in one_hot's dtype: a matmul with the table
     padded by zero rows to n."""
@@ -181,11 +187,11 @@ class Attention(nn.Module):
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
 
     def forward(self, x, ve, rot, mask):
-        T, w = x.size(0), self.qkv.type_as(x)
+        T = x.size(0)
         # v from a matmul of its own: as a slice of one qkv product it would keep q and k before their norms alive
-        qk = F.linear(x, w[:2].flatten(0, 1)).view(T, 2, self.n_head, self.head_dim)
+        qk = F.linear(x, self.qkv[:2].flatten(0, 1).type_as(x)).view(T, 2, self.n_head, self.head_dim)
         if ve is None:
-            v = F.linear(x, w[2])
+            v = F.linear(x, self.qkv[2].type_as(x))
         else:  # lambda0 v + lambda1 ve with the scalars in the weights and the sum in the matmul's epilogue: no pass
             # over v and ve of its own, forward or backward
             one_hot, table = ve
@@ -261,11 +267,12 @@ class Model(nn.Module):
         rot = self.rope_cos[pos], self.rope_sin[pos]  # float32
         # the lookups as matmuls with one-hot rows, so that their backward is a matmul too, whose sums run in the same
         # order every time: a lookup's backward adds T rows into vocab_size with atomic adds, in another order every
-        # run, and so no two runs of one seed trained alike. The rows are padded to a multiple of 8 columns (40 for 33
-        # tokens): at 33 (66 bytes in bfloat16) cuBLAS ran these matmuls and their backward in unaligned kernels
-        one_hot = F.one_hot(input_ids.long(), 8 * math.ceil(self.cfg.vocab_size / 8)).to(dtype)
+        # run, and so no two runs of one seed trained alike
+        one_hot = one_hot_rows(input_ids, self.cfg.vocab_size, dtype)
         x = x0 = norm(lookup(one_hot, self.embed.weight))
-        ve = [(one_hot, table.weight) for table in self.value_embeds]  # each layer looks its table up, scaled
+        # each layer looks its value table up itself, so that its scalar folds into the table and the mix into v's
+        # matmul (Attention.forward)
+        ve = [(one_hot, table.weight) for table in self.value_embeds]
         ve = ve + [None] * (L - 2 * len(ve)) + ve[::-1]
         skips = []
         for i, block in enumerate(self.blocks):

@@ -12,8 +12,8 @@ import pytest
 import train
 from test_train import REPO, tiny
 from data.tracks import Track
-from tools.records import (BOARD_END, BOARD_START, RecordError, check, labels, leaderboard, log_paths, plot,
-                           reproduce, run_record, t_sf)
+from tools.records import (BOARD_END, BOARD_START, RecordError, check, command, labels, leaderboard, log_paths,
+                           plot, read_run, reproduce, run_record, t_sf)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,16 @@ def test_a_folder_stands_for_the_logs_at_its_top(attempt, tiny_tracks, tmp_path)
     (record / "arm").mkdir()  # a subfolder's logs are another arm's, not this attempt's
     copy_logs(attempt[:1], record / "arm" / "logs")
     assert log_paths([record]) == sorted(logs)
+    with pytest.raises(RecordError, match=f"no run logs .* at the top of this folder; these subfolders hold some: "
+                                          f"{record / 'arm' / 'logs'}$"):
+        log_paths([record / "arm"])
     assert check(log_paths([record]), tiny_tracks)["runs"] == 3
     (tmp_path / "empty").mkdir()
     cli = subprocess.run([sys.executable, "-m", "tools.records", "check", str(tmp_path / "empty")], cwd=REPO,
                          capture_output=True, text=True)
     assert cli.returncode == 1 and "Traceback" not in cli.stderr
-    assert cli.stderr.strip() == f"records: {tmp_path / 'empty'}: no run logs (RUN_ID.txt beside RUN_ID.jsonl) in " \
-                                 "this folder"
+    assert cli.stderr.strip() == f"records: {tmp_path / 'empty'}: no run logs (RUN_ID.txt beside RUN_ID.jsonl) at " \
+                                 "the top of this folder"
 
 
 def run_edit(key, change):
@@ -164,7 +167,7 @@ def test_check_rejects_other_code_other_data_and_weak_evidence(attempt, tiny_tra
     assert sorted(row.split(" | ")[1] for row in rows) == sorted(f"{loss:.4f}" for loss in losses)
 
 
-def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_path):
+def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_path, monkeypatch):
     original = tiny(small_shards, tmp_path, max_steps=4, val_every=2)
     train.main(original)
     (log,) = Path(original.log_dir).glob("*.txt")
@@ -173,22 +176,26 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     assert cmd[:2] == [sys.executable, "train.py"] and f"--data={small_shards}" in cmd
     for name in train.SOURCE_FILES:
         assert (out / name).read_text() == (REPO / name).read_text()
-    first, again = sorted(Path(original.log_dir).glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    (first,), (again,) = Path(original.log_dir).glob("*.jsonl"), (out / "logs").glob("*.jsonl")  # its outputs: in out
+    assert "--log_dir=logs" in cmd and "--checkpoint_dir=checkpoints" in cmd and "--resume=" in cmd
     losses = lambda path: {r["step"]: r["train_loss"] for r in map(json.loads, path.read_text().splitlines())
                            if "train_loss" in r}
     assert len(losses(first)) == 4 and losses(again) == losses(first)
 
-    # another seed of the attempt, the shards found through another path: all else as logged
-    elsewhere = tmp_path / "shards_elsewhere"
-    elsewhere.symlink_to(small_shards)
-    cmd = reproduce(log, tmp_path / "seed1", run_it=True, seed=1, data=elsewhere)
-    assert "--seed=1" in cmd and f"--data={elsewhere}" in cmd and "--seed=0" not in cmd
-    (seed1,) = set(Path(original.log_dir).glob("*.jsonl")) - {first, again}
+    # another seed of the attempt, the shards found through another path, relative to where the user is: all else
+    # as logged
+    (tmp_path / "shards_elsewhere").symlink_to(small_shards)
+    monkeypatch.chdir(tmp_path)
+    cmd = reproduce(log, tmp_path / "seed1", run_it=True, seed=1, data=Path("shards_elsewhere"))
+    assert "--seed=1" in cmd and f"--data={tmp_path / 'shards_elsewhere'}" in cmd and "--seed=0" not in cmd
+    (seed1,) = (tmp_path / "seed1" / "logs").glob("*.jsonl")
     meta = lambda path: json.loads(path.read_text().splitlines()[0])["hyperparameters"]
-    assert {k: v for k, v in meta(seed1).items() if k not in ("seed", "data")} == \
-        {k: v for k, v in meta(first).items() if k not in ("seed", "data")}
+    assert {k: v for k, v in meta(seed1).items() if k not in ("seed", "data", "log_dir", "checkpoint_dir")} == \
+        {k: v for k, v in meta(first).items() if k not in ("seed", "data", "log_dir", "checkpoint_dir")}
     assert meta(seed1)["seed"] == 1 and losses(seed1).keys() == losses(first).keys()
     assert losses(seed1) != losses(first)  # another seed: other weights, data order and masks
+    with pytest.raises(RecordError, match="its run has no hyperparameter seeed"):
+        command(read_run(log), seeed=1)
 
 
 def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):

@@ -299,8 +299,8 @@ def test_the_bench_names_the_ops_that_launched_each_kernel():
         assert launchers == {}  # no kernels on the CPU
     else:  # the copy runs inside baddbmm, through the dispatcher (aten::copy_) or not
         copies = [chain for name, chain in launchers.items() if name.startswith("Memcpy DtoD")]
-        assert len(copies) == 1 and copies[0] in {"aten::baddbmm (1 of 1 calls)",
-                                                  "aten::baddbmm > aten::copy_ (1 of 1 calls)"}, copies
+        assert len(copies) == 1 and copies[0] in {"aten::baddbmm (1 of 1 profiled calls)",
+                                                  "aten::baddbmm > aten::copy_ (1 of 1 profiled calls)"}, copies
 
 
 def test_mean_keys_per_token_counts_documents_not_padding():

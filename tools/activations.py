@@ -11,7 +11,6 @@ The block's inputs are listed too: x0, the value embedding's one-hot rows and th
 blocks, the block input x is its own.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def kept_tensors(cfg: model.ModelConfig, value_embed: bool, tokens: int) -> list
     x, x0 = (torch.randn(tokens, cfg.d_model, dtype=dtype, requires_grad=True) for _ in range(2))
     # a value embedding: one-hot rows as Model.forward makes them, and the table the block looks up in them
     ids = torch.arange(tokens) % cfg.vocab_size
-    ve = (torch.nn.functional.one_hot(ids, 8 * math.ceil(cfg.vocab_size / 8)).to(dtype),
+    ve = (model.one_hot_rows(ids, cfg.vocab_size, dtype),
           torch.randn(cfg.vocab_size, cfg.d_model, requires_grad=True))
     positions = torch.arange(tokens) % cfg.max_len
     # in bfloat16, shared by all blocks as x0 is: cast inside apply_rotary they would count in every block
@@ -131,7 +130,9 @@ def main(argv=None):
                                                              "depend on it)")
     a = p.parse_args(argv)
     cfg = model.PRESETS[a.preset]
-    weight_sizes = {size for param in model.Block(cfg, True).parameters() for size in param.shape} | {3 * cfg.d_model}
+    one_hot_width = model.one_hot_rows(torch.zeros(1), cfg.vocab_size, torch.float32).size(1)
+    weight_sizes = ({size for param in model.Block(cfg, True).parameters() for size in param.shape}
+                    | {3 * cfg.d_model, cfg.vocab_size, one_hot_width})
     if a.tokens in weight_sizes:  # a tensor is told apart as per token by having a dimension of that length
         p.error(f"--tokens {a.tokens} is also a size of {a.preset}'s weights; pick another length")
     results, originals = {}, {name: getattr(model, name) for name in STAND_INS}

@@ -117,13 +117,14 @@ def launcher(event) -> str:
 
 
 def kernel_launchers(events) -> dict[str, str]:
-    """For each CUDA kernel name of a torch.profiler run, the launcher of most of its calls and their share."""
+    """For each CUDA kernel name of a torch.profiler run (cut as kernel_time_breakdown cuts them), the launcher of
+    most of its profiled calls and their share."""
     counts = collections.defaultdict(collections.Counter)
     for event in events:
         if event.device_type == torch.autograd.DeviceType.CPU:
             for kernel in event.kernels:
-                counts[kernel.name][launcher(event)] += 1
-    return {name[:100]: f"{chain} ({n} of {c.total()} calls)"  # the names as kernel_time_breakdown cuts them
+                counts[kernel.name[:100]][launcher(event)] += 1
+    return {name: f"{chain} ({n} of {c.total()} profiled calls)"
             for name, c in counts.items() for chain, n in c.most_common(1)}
 
 

@@ -1,7 +1,7 @@
 """Records: check an attempt, rebuild a run from its log, regenerate the README's leaderboard, plot runs.
 
-    python -m tools.records check logs_to_keep/RECORD/*.txt
-    python -m tools.records reproduce logs_to_keep/RECORD/A.txt --out /tmp/repro [--run]
+    python -m tools.records check logs_to_keep/RECORD
+    python -m tools.records reproduce logs_to_keep/RECORD/A.txt --out /tmp/repro [--seed N] [--data PATH] [--run]
     python -m tools.records leaderboard          # rewrites README.md's record table: one row per logs_to_keep/ folder
     python -m tools.records plot logs/A.txt logs/B.txt --out runs.png [--size 1400x500]
 
@@ -79,7 +79,9 @@ def log_paths(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             found = folder_logs(path)
             if not found:
-                raise RecordError(f"{path}: no run logs (RUN_ID.txt beside RUN_ID.jsonl) in this folder")
+                below = sorted(str(sub) for sub in path.iterdir() if sub.is_dir() and folder_logs(sub))
+                raise RecordError(f"{path}: no run logs (RUN_ID.txt beside RUN_ID.jsonl) at the top of this folder"
+                                  + (f"; these subfolders hold some: {', '.join(below)}" if below else ""))
             logs += found
         else:
             logs.append(path)
@@ -161,6 +163,8 @@ def incomplete_beta(a: float, b: float, x: float) -> float:
 # the runs of one attempt may differ in these (and in --seed) only.
 OUTPUT_FLAGS = {"data", "log_dir", "checkpoint_dir", "save_every", "keep_checkpoints", "resume", "wandb_project",
                 "hf_repo", "num_workers"}
+# Those a rebuilt run takes at today's defaults: paths of the machine that ran it, and uploads that are not its own
+FRESH_OUTPUTS = ("log_dir", "checkpoint_dir", "resume", "wandb_project", "hf_repo")
 
 
 def check(paths: list, tracks: dict = TRACKS) -> dict:
@@ -249,21 +253,31 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
 def command(run: dict, **changes) -> list[str]:
     """The run's command, every hyperparameter spelled out (the logged train.py's defaults need not be today's),
     with `changes` (e.g. seed=3) in place of the logged values."""
-    flags = [f"--{k}={changes.get(k, v)}" for k, v in run["meta"]["hyperparameters"].items()]
+    logged = run["meta"]["hyperparameters"]
+    if changes.keys() - logged.keys():
+        raise RecordError(f"{run['path']}: its run has no hyperparameter {', '.join(sorted(changes.keys() - logged))}")
+    flags = [f"--{k}={changes.get(k, v)}" for k, v in logged.items()]
     world = run["meta"]["world_size"]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
     return launcher + ["train.py"] + flags
 
 
 def reproduce(path, out: Path, run_it: bool, seed: int | None = None, data: Path | None = None) -> list[str]:
-    """Write the log's source files into `out` and print (or run there) its exact command; with `seed`, that of
-    another run of its attempt (the rules compare all else), with `data`, the shards found elsewhere."""
+    """Write the log's source files into `out` and print (or run there) its exact command, its outputs going
+    under `out` (logs/, checkpoints/; no resume, no wandb, no hub push); with `seed`, that of another run of its
+    attempt (the rules compare all else), with `data`, the shards found elsewhere."""
+    from train import Hyperparameters  # only here: torch is needed for nothing else in this module
     run = read_run(path)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in run["sources"].items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
-    changes = {k: v for k, v in [("seed", seed), ("data", data and data.absolute())] if v is not None}
+    defaults = dataclasses.asdict(Hyperparameters())
+    changes = {k: defaults[k] for k in FRESH_OUTPUTS if k in run["meta"]["hyperparameters"]}
+    if seed is not None:
+        changes["seed"] = seed
+    if data is not None:
+        changes["data"] = data.absolute()  # the command runs in `out`
     cmd = command(run, **changes)
     print(f"cd {shlex.quote(str(out))} && {shlex.join(cmd)}")
     logged = Path(run["meta"]["hyperparameters"]["data"])

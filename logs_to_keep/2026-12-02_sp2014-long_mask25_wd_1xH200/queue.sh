@@ -25,7 +25,7 @@ echo "$CMD"
 for seed in ${SEEDS:-1 2}; do
     echo "$(date +%T) seed $seed"
     (eval "$CMD --seed=$seed --log_dir=$Q/seed$seed") > $Q/seed$seed.out 2>&1  # CMD starts with a cd
-    echo "$(date +%T) seed $seed: exit $?"
+    rc=$?; echo "$(date +%T) seed $seed: exit $rc"  # $? read before $(date) resets it
 done
 BUDGET=$(( ${MACHINE_LEFT_S:-1660} - ($(date +%s) - START) ))
 BUDGET=$(( BUDGET > 450 ? 450 : BUDGET ))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Long-track arms back to back, from a snapshot of the tree, in a process session that outlives the device call
 # that starts it (setsid). Each arm: 19,800 steps of sprint sampling by cluster. Progress and logs in /tmp/q.
+# (Its exit lines read $? after $(date) had reset it when it ran; fixed since. The runs' logs show their ends.)
 set -uo pipefail
 Q=/tmp/q; rm -rf $Q /tmp/snap; mkdir -p $Q /tmp/snap
 cp -a . /tmp/snap/ && cd /tmp/snap && rm -rf logs checkpoints
@@ -16,7 +17,7 @@ run_arm() {  # NAME, then the arm's own flags
     PYTHONUNBUFFERED=1 python3 train.py --data data/sp2014 --preset sprint --tokens_per_rank 65536 --max_steps 19800 \
         --val_every 1870 --target_val_loss 2.61 --sample_by_cluster --log_every 100 --log_dir $Q/$name "$@" \
         > $Q/$name.out 2>&1
-    echo "$(date +%T) arm $name: exit $?"
+    local rc=$?; echo "$(date +%T) arm $name: exit $rc"  # $? read before $(date) resets it
 }
 run_arm mask25 --seed 0 --mask_rate 0.25
 run_arm mask25_wd --seed 0 --mask_rate 0.25 --muon_weight_decay 0.005
