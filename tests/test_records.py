@@ -12,8 +12,8 @@ import pytest
 import train
 from test_train import REPO, tiny
 from data.tracks import Track
-from tools.records import (BOARD_END, BOARD_START, RecordError, check, command, labels, leaderboard, log_paths,
-                           plot, read_run, reproduce, run_record, t_sf)
+from tools.records import (BOARD_END, BOARD_START, FRESH_OUTPUTS, OUTPUT_FLAGS, RecordError, check, command, labels,
+                           leaderboard, log_paths, plot, read_run, reproduce, run_record, t_sf)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_check_rejects_other_code_other_data_and_weak_evidence(attempt, tiny_tra
     assert sorted(row.split(" | ")[1] for row in rows) == sorted(f"{loss:.4f}" for loss in losses)
 
 
-def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_path, monkeypatch):
+def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_path, monkeypatch, capsys):
     original = tiny(small_shards, tmp_path, max_steps=4, val_every=2)
     train.main(original)
     (log,) = Path(original.log_dir).glob("*.txt")
@@ -177,7 +177,7 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     for name in train.SOURCE_FILES:
         assert (out / name).read_text() == (REPO / name).read_text()
     (first,), (again,) = Path(original.log_dir).glob("*.jsonl"), (out / "logs").glob("*.jsonl")  # its outputs: in out
-    assert "--log_dir=logs" in cmd and "--checkpoint_dir=checkpoints" in cmd and "--resume=" in cmd
+    assert "--log_dir=logs" in cmd and "--checkpoint_dir=checkpoints" in cmd and list((out / "checkpoints").iterdir())
     losses = lambda path: {r["step"]: r["train_loss"] for r in map(json.loads, path.read_text().splitlines())
                            if "train_loss" in r}
     assert len(losses(first)) == 4 and losses(again) == losses(first)
@@ -190,12 +190,23 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     assert "--seed=1" in cmd and f"--data={tmp_path / 'shards_elsewhere'}" in cmd and "--seed=0" not in cmd
     (seed1,) = (tmp_path / "seed1" / "logs").glob("*.jsonl")
     meta = lambda path: json.loads(path.read_text().splitlines()[0])["hyperparameters"]
-    assert {k: v for k, v in meta(seed1).items() if k not in ("seed", "data", "log_dir", "checkpoint_dir")} == \
-        {k: v for k, v in meta(first).items() if k not in ("seed", "data", "log_dir", "checkpoint_dir")}
+    assert {k for k in meta(first) if meta(seed1)[k] != meta(first)[k]} <= OUTPUT_FLAGS | {"seed"}  # as check sees
     assert meta(seed1)["seed"] == 1 and losses(seed1).keys() == losses(first).keys()
     assert losses(seed1) != losses(first)  # another seed: other weights, data order and masks
     with pytest.raises(RecordError, match="its run has no hyperparameter seeed"):
         command(read_run(log), seeed=1)
+
+    # a log's uploads are its own, a resumed part needs its checkpoint, and relative shards must be found
+    (part,) = copy_logs([log], tmp_path / "part")
+    edit_jsonl(part, run_edit("record:hyperparameters", lambda h: {**h, "wandb_project": "theirs", "hf_repo": "them/m",
+                                                                   "resume": "ckpt/step_000002.pt", "data": "data/x"}))
+    cmd = reproduce(part, tmp_path / "part_rebuilt", run_it=False)
+    printed = capsys.readouterr().out
+    assert "--wandb_project=" in cmd and "--hf_repo=" in cmd and "--resume=ckpt/step_000002.pt" in cmd
+    assert "needs that file there" in printed and "--data data/x is not there" in printed
+    with pytest.raises(RecordError, match="--data data/x is not there from .*: pass --data PATH"):
+        reproduce(part, tmp_path / "part_rebuilt", run_it=True)
+    assert set(FRESH_OUTPUTS) <= OUTPUT_FLAGS  # what a rebuilt run changes, check ignores
 
 
 def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):

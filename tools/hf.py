@@ -55,7 +55,8 @@ def export(checkpoint: Path, out: Path) -> Path:
         Model(cfg).load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise HFError(f"{checkpoint}: its weights do not fit preset {h['preset']!r} of this checkout's model.py; "
-                      f"export it with the code it was trained with (python -m tools.records reproduce LOG).\n{e}")
+                      "export it with the code it was trained with (python -m tools.records reproduce LOG --out "
+                      f"DIR).\n{e}")
     out.mkdir(parents=True, exist_ok=True)
     save_file({f"model.{k}": v.contiguous() for k, v in ckpt["model"].items()}, out / "model.safetensors",
               metadata={"format": "pt"})

@@ -164,7 +164,7 @@ def incomplete_beta(a: float, b: float, x: float) -> float:
 OUTPUT_FLAGS = {"data", "log_dir", "checkpoint_dir", "save_every", "keep_checkpoints", "resume", "wandb_project",
                 "hf_repo", "num_workers"}
 # Those a rebuilt run takes at today's defaults: paths of the machine that ran it, and uploads that are not its own
-FRESH_OUTPUTS = ("log_dir", "checkpoint_dir", "resume", "wandb_project", "hf_repo")
+FRESH_OUTPUTS = ("log_dir", "checkpoint_dir", "wandb_project", "hf_repo")
 
 
 def check(paths: list, tracks: dict = TRACKS) -> dict:
@@ -258,14 +258,16 @@ def command(run: dict, **changes) -> list[str]:
         raise RecordError(f"{run['path']}: its run has no hyperparameter {', '.join(sorted(changes.keys() - logged))}")
     flags = [f"--{k}={changes.get(k, v)}" for k, v in logged.items()]
     world = run["meta"]["world_size"]
-    launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+                                   if world > 1 else [])  # torchrun of this Python, not whichever is on PATH
     return launcher + ["train.py"] + flags
 
 
 def reproduce(path, out: Path, run_it: bool, seed: int | None = None, data: Path | None = None) -> list[str]:
-    """Write the log's source files into `out` and print (or run there) its exact command, its outputs going
-    under `out` (logs/, checkpoints/; no resume, no wandb, no hub push); with `seed`, that of another run of its
-    attempt (the rules compare all else), with `data`, the shards found elsewhere."""
+    """Write the log's source files into `out` and print (or run there) its exact command; with `seed`, that of
+    another run of its attempt (the rules compare all else), with `data`, the shards found elsewhere. Its outputs go
+    under `out` (logs/, checkpoints/), with no wandb project or hub repo: the logged paths are another machine's,
+    and the uploads the original run's."""
     from train import Hyperparameters  # only here: torch is needed for nothing else in this module
     run = read_run(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,9 +282,15 @@ def reproduce(path, out: Path, run_it: bool, seed: int | None = None, data: Path
         changes["data"] = data.absolute()  # the command runs in `out`
     cmd = command(run, **changes)
     print(f"cd {shlex.quote(str(out))} && {shlex.join(cmd)}")
-    logged = Path(run["meta"]["hyperparameters"]["data"])
-    if data is None and not logged.is_absolute():
-        print(f"(--data {logged} is relative to where the run started: run from there or pass --data PATH)")
+    logged, resumed = Path(run["meta"]["hyperparameters"]["data"]), run["meta"]["hyperparameters"].get("resume")
+    if data is None and not (out / logged).is_dir():  # the command runs in `out`
+        message = f"the run's --data {logged} is not there from {out}: pass --data PATH, the folder of its shards"
+        if run_it:
+            raise RecordError(message)
+        print(f"({message})")
+    if resumed:
+        print(f"(it continued another run from the checkpoint {resumed}: it needs that file there; a whole run is "
+              "rebuilt from the log of the first part)")
     if run_it:
         subprocess.run(cmd, cwd=out, check=True)
     return cmd
@@ -400,7 +408,8 @@ def main(argv=None):
         "logs", nargs="+", type=Path, help="run logs (RUN_ID.txt), or a folder of them")
     r = sub.add_parser("reproduce", help="rebuild a run's sources and print or run its command")
     r.add_argument("log", type=Path)
-    r.add_argument("--out", type=Path, required=True, help="folder for the rebuilt source files")
+    r.add_argument("--out", type=Path, required=True,
+                   help="folder for the rebuilt source files, where the run writes its logs/ and checkpoints/")
     r.add_argument("--run", action="store_true", help="run the command there")
     r.add_argument("--seed", type=int, help="another seed of the run's attempt, in place of the logged one")
     r.add_argument("--data", type=Path, help="the shards' folder, in place of the logged path")
