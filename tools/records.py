@@ -250,6 +250,12 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
     return result
 
 
+def train_defaults() -> dict:
+    """Today's train.py hyperparameters at their defaults."""
+    from train import Hyperparameters  # only here: torch is needed for nothing else in this module
+    return dataclasses.asdict(Hyperparameters())
+
+
 def command(run: dict, **changes) -> list[str]:
     """The run's command, every hyperparameter spelled out (the logged train.py's defaults need not be today's),
     with `changes` (e.g. seed=3) in place of the logged values."""
@@ -268,13 +274,12 @@ def reproduce(path, out: Path, run_it: bool, seed: int | None = None, data: Path
     another run of its attempt (the rules compare all else), with `data`, the shards found elsewhere. Its outputs go
     under `out` (logs/, checkpoints/), with no wandb project or hub repo: the logged paths are another machine's,
     and the uploads the original run's."""
-    from train import Hyperparameters  # only here: torch is needed for nothing else in this module
     run = read_run(path)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in run["sources"].items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
-    defaults = dataclasses.asdict(Hyperparameters())
+    defaults = train_defaults()
     changes = {k: defaults[k] for k in FRESH_OUTPUTS if k in run["meta"]["hyperparameters"]}
     if seed is not None:
         changes["seed"] = seed
@@ -346,8 +351,7 @@ def labels(runs: list) -> list[str]:
     """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
     which the plotted runs differ, so the lever of an A/B is in its label, then the log's id. A flag that an older
     log lacks counts at its default: the code before the flag did what its default does."""
-    from train import Hyperparameters  # only here: torch is needed for nothing else in this module
-    defaults = dataclasses.asdict(Hyperparameters())
+    defaults = train_defaults()
     hyperparameters = [{**defaults, **meta["hyperparameters"]} for _, _, meta in runs]
     differ = [k for k in sorted(defaults.keys() - UNLABELLED) if len({repr(h[k]) for h in hyperparameters}) > 1]
     return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h[k]}" for k in differ)
