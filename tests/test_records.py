@@ -1,6 +1,8 @@
 """tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots."""
 import dataclasses
 import json
+import re
+import shlex
 import struct
 import shutil
 import subprocess
@@ -11,9 +13,9 @@ import pytest
 
 import train
 from test_train import REPO, tiny
-from data.tracks import Track
+from data.tracks import TRACKS, Track
 from tools.records import (BOARD_END, BOARD_START, FRESH_OUTPUTS, OUTPUT_FLAGS, RecordError, check, command, labels,
-                           leaderboard, log_paths, plot, read_run, reproduce, run_record, t_sf)
+                           folder_logs, leaderboard, log_paths, plot, read_run, reproduce, run_record, t_sf)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +252,28 @@ def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
     table = leaderboard(logs, readme, tiny_tracks)
     assert table.splitlines()[2] == rows[0]
     assert "- [too_few](logs_to_keep/too_few): an attempt needs at least 3 runs for the t-test, got 2" in table
+
+
+def test_the_readme_leaderboard_and_the_record_commands_are_those_of_the_kept_logs(small_shards, tmp_path):
+    """README.md's table is what `leaderboard` makes of logs_to_keep/, and each track's record command (what
+    `TRACK=... bash run.sh` runs) is that of its fastest record: the same hyperparameters but the seed, the outputs,
+    the batch split (run.sh's, for the GPU count) and flags that the record's train.py did not have yet."""
+    (tmp_path / "logs_to_keep").symlink_to(REPO / "logs_to_keep")
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    table = leaderboard(tmp_path / "logs_to_keep", readme)
+    assert readme.read_text() == (REPO / "README.md").read_text(), "run python -m tools.records leaderboard"
+    fastest = {}
+    for track, folder in re.findall(r"^\| (\S+) \| .*\[([^]]+)\]\(logs_to_keep/", table, re.M):
+        fastest.setdefault(track, folder)  # the rows are by track, fastest first
+    assert fastest.keys() >= {"sp2014", "sp2014-long"}
+    ignored = OUTPUT_FLAGS | {"seed", "tokens_per_rank", "grad_accum"}
+    for name, folder in fastest.items():
+        logged = read_run(folder_logs(REPO / "logs_to_keep" / folder)[0])["meta"]["hyperparameters"]
+        record = train.parse_args(shlex.split(TRACKS[name].record) + ["--data", str(small_shards)])
+        differ = {k: (logged[k], v) for k, v in dataclasses.asdict(record).items()
+                  if k in logged and k not in ignored and logged[k] != v}
+        assert not differ, f"track {name}'s record command differs from {folder}'s runs (logged, command): {differ}"
 
 
 def test_plot_draws_the_runs_into_a_png_of_the_requested_size(attempt, tmp_path):
