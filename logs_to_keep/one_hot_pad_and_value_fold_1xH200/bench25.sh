@@ -155,7 +155,9 @@ for name, (bench, steps, final) in runs.items():
             "## bench output (tail)", tail(f"/tmp/out_bench_{name}", 40)]
     if bench and bench.get("kernels"):
         text += ["## top 45 kernels (ms and calls per step, profiled)"]
-        text += [f"{ms:8.3f} {calls:5.1f}x {cat:13s} {kname}" for kname, cat, ms, calls in bench["kernels"][:45]]
+        who = bench.get("kernel_launchers", {})
+        text += [f"{ms:8.3f} {calls:5.1f}x {cat:13s} {kname}\n{'':30s}<- {who.get(kname, '?')}"
+                 for kname, cat, ms, calls in bench["kernels"][:45]]
         text += ["", "bench train losses: " + " ".join(f"{x:.4f}" for x in bench["train_losses"]), ""]
     text += ["## train output (tail)", tail(f"/tmp/out_train_{name}", 25)]
     open(f"{out}/{name}.txt", "w").write("\n".join(text) + "\n")
