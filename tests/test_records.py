@@ -211,6 +211,18 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     assert set(FRESH_OUTPUTS) <= OUTPUT_FLAGS  # what a rebuilt run changes, check ignores
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(attempt, tmp_path):
+    """`reproduce LOG --out DIR | head -1`: when the reader is gone before the output comes, the work is done and
+    the command ends with status 1 and no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.records", "reproduce", str(attempt[0]), "--out",
+                             str(tmp_path / "rebuilt")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()  # long before it prints: Python starts and imports first
+    err = proc.stderr.read()
+    assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert (tmp_path / "rebuilt" / "train.py").is_file()
+
+
 def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
     logs = tmp_path / "logs_to_keep"
     logs.mkdir()

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -443,3 +444,6 @@ if __name__ == "__main__":
         if e.table:
             print(e.table)
         sys.exit(f"records: {e}")
+    except BrokenPipeError:  # the reader went away (`... | head -1`): no traceback, and none when Python flushes
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
