@@ -1,6 +1,7 @@
 """tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots."""
 import dataclasses
 import json
+import os
 import re
 import shlex
 import struct
@@ -211,16 +212,21 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     assert set(FRESH_OUTPUTS) <= OUTPUT_FLAGS  # what a rebuilt run changes, check ignores
 
 
-def test_a_reader_that_stops_early_gets_no_traceback(attempt, tmp_path):
-    """`reproduce LOG --out DIR | head -1`: when the reader is gone before the output comes, the work is done and
-    the command ends with status 1 and no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "tools.records", "reproduce", str(attempt[0]), "--out",
-                             str(tmp_path / "rebuilt")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+@pytest.mark.parametrize("command", ["reproduce", "check"])  # its output; a refusal (no track has these runs)
+def test_a_reader_that_stops_early_gets_no_traceback(attempt, tmp_path, command):
+    """`reproduce LOG --out DIR | head -1` or `check ... | head -1`: when the reader is gone before the output
+    comes, the work is done and the command ends with status 1, its refusal on stderr and no traceback."""
+    args = [str(attempt[0]), "--out", str(tmp_path / "rebuilt")] if command == "reproduce" else map(str, attempt)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as a pipe has it
+    proc = subprocess.Popen([sys.executable, "-m", "tools.records", command, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # long before it prints: Python starts and imports first
     err = proc.stderr.read()
     assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
-    assert (tmp_path / "rebuilt" / "train.py").is_file()
+    if command == "reproduce":
+        assert (tmp_path / "rebuilt" / "train.py").is_file()
+    else:
+        assert err.startswith("records: no track of data/tracks.py has these runs' data"), err
 
 
 def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
@@ -268,8 +274,9 @@ def test_leaderboard_is_made_from_the_logs(attempt, tiny_tracks, tmp_path):
 
 def test_the_readme_leaderboard_and_the_record_commands_are_those_of_the_kept_logs(small_shards, tmp_path):
     """README.md's table is what `leaderboard` makes of logs_to_keep/, and each track's record command (what
-    `TRACK=... bash run.sh` runs) is that of its fastest record: the same hyperparameters but the seed, the outputs,
-    the batch split (run.sh's, for the GPU count) and flags that the record's train.py did not have yet."""
+    `TRACK=... bash run.sh` reads from data/tracks.py) is that of its fastest record: the same hyperparameters but
+    the seed, the outputs, the batch split (run.sh's, for the GPU count) and flags that the record's train.py did
+    not have yet."""
     (tmp_path / "logs_to_keep").symlink_to(REPO / "logs_to_keep")
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", readme)
