@@ -10,6 +10,7 @@ import torch.distributed as dist
 from dataloader import PAD
 
 PEAK_FLOPS = 989e12  # dense bf16 FLOP/s of one H100 SXM: the denominator of MFU
+KERNEL_NAME_CHARS = 100  # kernel names are cut to this in reports: templated ones run long
 
 
 def benchmark(trainer, compile_s: float) -> dict:
@@ -117,13 +118,13 @@ def launcher(event) -> str:
 
 
 def kernel_launchers(events) -> dict[str, str]:
-    """For each CUDA kernel name of a torch.profiler run (cut as kernel_time_breakdown cuts them), the launcher of
-    most of its profiled calls and their share."""
+    """For each CUDA kernel name of a torch.profiler run (cut as in kernel_time_breakdown), the launcher of most of
+    its profiled calls and their share."""
     counts = collections.defaultdict(collections.Counter)
     for event in events:
         if event.device_type == torch.autograd.DeviceType.CPU:
             for kernel in event.kernels:
-                counts[kernel.name[:100]][launcher(event)] += 1
+                counts[kernel.name[:KERNEL_NAME_CHARS]][launcher(event)] += 1
     return {name: f"{chain} ({n} of {c.total()} profiled calls)"
             for name, c in counts.items() for chain, n in c.most_common(1)}
 
@@ -158,8 +159,8 @@ def kernel_time_breakdown(kernels: list[tuple[str, float, float]], steps: int) -
     ms["idle"] = (wall - busy) / 1000 / steps
     exposed = (busy - union_length(compute)) / 1000 / steps
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-    return (ms, [(name[:100], category, t, calls / steps) for (name, category), (t, calls) in ranked], exposed,
-            wall / 1000 / steps)
+    return (ms, [(name[:KERNEL_NAME_CHARS], category, t, calls / steps) for (name, category), (t, calls) in ranked],
+            exposed, wall / 1000 / steps)
 
 
 def union_length(spans: list[tuple[float, float]]) -> float:

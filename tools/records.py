@@ -444,9 +444,9 @@ if __name__ == "__main__":
         except RecordError as e:
             if e.table:
                 print(e.table)
-            sys.stdout.flush()
             sys.exit(f"records: {e}")
-        sys.stdout.flush()  # here, not at exit: a pipe's buffered output is written now
+        finally:
+            sys.stdout.flush()  # here, not at exit: a pipe's buffered output is written where a gone reader is caught
     except BrokenPipeError:  # the reader went away (`... | head -1`): no traceback, and none when Python flushes
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
