@@ -1,5 +1,6 @@
 """tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots."""
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -211,6 +212,18 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
         reproduce(part, tmp_path / "part_rebuilt", run_it=True)
     assert set(FRESH_OUTPUTS) <= OUTPUT_FLAGS  # what a rebuilt run changes, check ignores
 
+    # a run cut short (its log unfinished, a last line half written) is rebuilt whole
+    cut = tmp_path / "cut" / log.name.replace(".txt", ".running.txt")
+    cut.parent.mkdir()
+    cut.write_text(log.read_text())
+    lines = log.with_suffix(".jsonl").read_text().splitlines(keepends=True)
+    cut.with_suffix(".jsonl").write_text("".join(lines[:3]) + lines[3][:10])
+    with pytest.raises(RecordError, match="an unfinished log"):
+        read_run(cut)
+    assert reproduce(cut, tmp_path / "cut_rebuilt", run_it=False) == reproduce(log, tmp_path / "whole", run_it=False)
+    for name in train.SOURCE_FILES:
+        assert (tmp_path / "cut_rebuilt" / name).read_text() == (REPO / name).read_text()
+
 
 @pytest.mark.parametrize("command", ["reproduce", "check"])  # its output; a refusal (no track has these runs)
 def test_a_reader_that_stops_early_gets_no_traceback(attempt, tmp_path, command):
@@ -324,6 +337,11 @@ def test_plot_labels_name_what_the_runs_differ_in(attempt, tmp_path):
     assert [label.split()[4] for label in labels(runs)] == ["sample_by_cluster=False", "sample_by_cluster=True",
                                                             "sample_by_cluster=False"]
     assert labels(runs[:1]) == [f"tiny 4 steps {runs[0][0].stem[:8]}"]  # one run: nothing to tell apart
+    lever = runs[1][0]  # a lever in code: its log embeds another optimizer.py
+    lever.write_text(lever.read_text().replace("==> optimizer.py <==\n", "==> optimizer.py <==\n# a lever\n", 1))
+    digest = {p: hashlib.sha256(read_run(p)["sources"]["optimizer.py"].encode()).hexdigest()[:6] for p, _, _ in runs}
+    assert digest[runs[0][0]] == digest[runs[2][0]] != digest[lever]
+    assert [label.split()[-2] for label in labels(runs)] == [f"optimizer.py@{digest[p]}" for p, _, _ in runs]
 
 
 def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):

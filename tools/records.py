@@ -67,6 +67,12 @@ def log_text(txt: Path) -> str:
     return text
 
 
+def log_sources(text: str) -> dict[str, str]:
+    """The source files embedded in a log's text, by path."""
+    parts = SOURCE_HEADER.split(text.split(SEPARATOR)[1])
+    return {name: body[:-1] for name, body in zip(parts[1::2], parts[2::2])}  # header() added one newline
+
+
 def folder_logs(folder: Path) -> list[Path]:
     """The run logs at the top of a folder: the .txt files with a .jsonl twin or an embedded source block, not a
     write-up's notes."""
@@ -95,9 +101,7 @@ def read_run(txt) -> dict:
     if txt.stem.endswith((".running", ".failed")):
         raise RecordError(f"{txt}: an unfinished log (train.py names a log RUN_ID.txt only when its run ends well)")
     text = log_text(txt)
-    block = text.split(SEPARATOR)[1]
-    parts = SOURCE_HEADER.split(block)
-    sources = {name: body[:-1] for name, body in zip(parts[1::2], parts[2::2])}  # header() added one newline
+    sources = log_sources(text)
     meta = run_record(txt)
     jsonl = txt.with_suffix(".jsonl")
     records = jsonl_records(jsonl)
@@ -274,8 +278,9 @@ def reproduce(path, out: Path, run_it: bool, seed: int | None = None, data: Path
     """Write the log's source files into `out` and print (or run there) its exact command; with `seed`, that of
     another run of its attempt (the rules compare all else), with `data`, the shards found elsewhere. Its outputs go
     under `out` (logs/, checkpoints/), with no wandb project or hub repo: the logged paths are another machine's,
-    and the uploads the original run's."""
-    run = read_run(path)
+    and the uploads the original run's. The log may be unfinished: a run cut short is rebuilt whole."""
+    path = Path(path)
+    run = {"path": path, "sources": log_sources(log_text(path)), "meta": run_record(path)}
     out.mkdir(parents=True, exist_ok=True)
     for name, text in run["sources"].items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -350,13 +355,18 @@ UNLABELLED = OUTPUT_FLAGS | {"preset", "max_steps", "log_every", "val_every", "t
 
 def labels(runs: list) -> list[str]:
     """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
-    which the plotted runs differ, so the lever of an A/B is in its label, then the log's id. A flag that an older
-    log lacks counts at its default: the code before the flag did what its default does."""
+    which the plotted runs differ, and each embedded source file that differs (as FILE@ the start of its sha256),
+    so the lever of an A/B is in its label, be it a flag or code, then the log's id. A flag that an older log lacks
+    counts at its default: the code before the flag did what its default does."""
     defaults = train_defaults()
     hyperparameters = [{**defaults, **meta["hyperparameters"]} for _, _, meta in runs]
     differ = [k for k in sorted(defaults.keys() - UNLABELLED) if len({repr(h[k]) for h in hyperparameters}) > 1]
+    digests = [{name: hashlib.sha256(body.encode()).hexdigest()[:6] for name, body in
+                log_sources(log_text(path)).items()} for path, _, _ in runs]
+    changed = sorted(name for name in set().union(*digests) if len({d.get(name) for d in digests}) > 1)
     return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h[k]}" for k in differ)
-            + f" {path.stem[:8]}" for (path, _, _), h in zip(runs, hyperparameters)]
+            + "".join(f" {name}@{d.get(name, 'none')}" for name in changed) + f" {path.stem[:8]}"
+            for (path, _, _), h, d in zip(runs, hyperparameters, digests)]
 
 
 def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
