@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+NORMUON_BETA = 0.95  # decay of NorMuon's running mean of each update row's squared entries, the paper's
+
 # torch 2.13 renamed these two collectives and warns on the old names; torch 2.11 only has the old ones
 reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -56,9 +58,10 @@ class MuonAdam(torch.optim.Optimizer):
         the stacked gradients hands to it."""
         return group["params"][self.rank * self.share(group):(self.rank + 1) * self.share(group)]
 
-    def gather_shares(self, group: dict, mine: list[torch.Tensor]) -> torch.Tensor:
-        """Every rank's share of a Muon group stacked in parameter order: [share * world, *shape]."""
-        mine = stack_padded(mine, self.share(group), group["params"][0])
+    def gather_shares(self, group: dict, mine: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Every rank's share of a Muon group (tensors shaped like `like`, one per matrix) stacked in parameter
+        order: [share * world, *like.shape]."""
+        mine = stack_padded(mine, self.share(group), like)
         everyone = mine.new_empty(self.world * len(mine), *mine.shape[1:])
         all_gather(everyone, mine)
         return everyone
@@ -83,18 +86,39 @@ class MuonAdam(torch.optim.Optimizer):
         if owned:  # all of this rank's matrices of the group at once: a few large kernels instead of many small ones
             grads = grads[:len(owned)]
             for p in owned:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                if not self.state[p]:
+                    self.state[p].update(self.fresh_state(group, p))
             bufs = [self.state[p]["momentum_buffer"] for p in owned]
             torch._foreach_lerp_(bufs, list(grads), 1 - momentum)
             updates = orthogonalize(grads.lerp_(torch.stack(bufs), momentum),  # Nesterov
                                     torch.bfloat16 if grads.is_cuda else torch.float32)
+            if group["normuon"]:
+                updates = self.normalize_rows(owned, updates.float())
             rows, cols = owned[0].shape[-2:]
             torch._foreach_mul_(owned, 1 - lr * wd)
             torch._foreach_add_(owned, list(updates.to(owned[0].dtype)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
         if self.world > 1:
-            for p, new in zip(params, self.gather_shares(group, owned)):
+            for p, new in zip(params, self.gather_shares(group, owned, params[0])):
                 p.copy_(new)
+
+    @staticmethod
+    def fresh_state(group: dict, p: nn.Parameter) -> dict:
+        """A Muon matrix's state before its first step."""
+        state = {"momentum_buffer": torch.zeros_like(p)}
+        if group["normuon"]:
+            state["row_second_moment"] = p.new_zeros(*p.shape[:-1], 1, dtype=torch.float32)
+        return state
+
+    def normalize_rows(self, owned: list[nn.Parameter], updates: torch.Tensor) -> torch.Tensor:
+        """NorMuon (Li et al., 2025): Newton-Schulz leaves the rows (output neurons) of an update unequal in size;
+        each is divided by its running RMS, then the whole update is scaled back to its norm, so the learning rate
+        keeps its meaning."""
+        moments = torch.stack([self.state[p]["row_second_moment"] for p in owned])
+        moments.lerp_(updates.square().mean(-1, keepdim=True), 1 - NORMUON_BETA)
+        torch._foreach_copy_([self.state[p]["row_second_moment"] for p in owned], list(moments))
+        normalized = updates / (moments.sqrt() + 1e-10)
+        return normalized * (updates.norm(dim=(-2, -1), keepdim=True) / (normalized.norm(dim=(-2, -1), keepdim=True)
+                                                                         + 1e-10))
 
     def adam_step(self, group: dict):
         params = group["params"]
@@ -123,12 +147,12 @@ class MuonAdam(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
 
     def state_dict(self) -> dict:
-        """The complete state, the same on every rank: with several ranks each Muon momentum buffer lives on its
+        """The complete state, the same on every rank: with several ranks each Muon matrix's state lives on its
         owner only, so this is a collective that every rank must call."""
         if self.world > 1:
             for group in self.param_groups:
                 if group["kind"] == "muon":
-                    self.gather_momentum(group)
+                    self.gather_matrix_state(group)
         sd = super().state_dict()
         self.drop_foreign_momentum()
         return sd
@@ -137,10 +161,11 @@ class MuonAdam(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.drop_foreign_momentum()
 
-    def gather_momentum(self, group: dict):
-        mine = [self.state[p].get("momentum_buffer", torch.zeros_like(p)) for p in self.owned(group)]
-        for p, buf in zip(group["params"], self.gather_shares(group, mine)):
-            self.state[p].setdefault("momentum_buffer", buf)
+    def gather_matrix_state(self, group: dict):
+        for key, zero in self.fresh_state(group, group["params"][0]).items():
+            mine = [self.state[p].get(key, zero) for p in self.owned(group)]  # zero: not stepped yet
+            for p, value in zip(group["params"], self.gather_shares(group, mine, zero)):
+                self.state[p].setdefault(key, value)
 
     def drop_foreign_momentum(self):
         for group in self.param_groups:
@@ -154,9 +179,10 @@ class MuonAdam(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, muon_lr: float = 0.05, muon_momentum: float = 0.95,
                     muon_weight_decay: float = 0.0, embed_lr: float = 0.3, head_lr: float = 0.008,
                     scalar_lr: float = 0.04, betas: tuple[float, float] = (0.8, 0.95),
-                    eps: float = 1e-10) -> MuonAdam:
+                    eps: float = 1e-10, normuon: bool = False) -> MuonAdam:
     """Muon for the hidden matrices; Adam for the embedding tables, the LM head (model.lm_head) and the scalars.
-    Every group carries 'initial_lr' for the trainer's schedule; Muon groups also carry 'momentum'."""
+    Every group carries 'initial_lr' for the trainer's schedule; Muon groups also carry 'momentum'. normuon:
+    each row of Muon's updates evened out by its running RMS (MuonAdam.normalize_rows)."""
     embed = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
     head = list(model.lm_head.parameters())
     special = {id(p) for p in embed + head}
@@ -166,7 +192,7 @@ def build_optimizer(model: nn.Module, muon_lr: float = 0.05, muon_momentum: floa
               for ps, lr in ((embed, embed_lr), (head, head_lr), (scalars, scalar_lr)) if ps]
     for shape in dict.fromkeys(p.shape for p in matrices):  # one group per shape: matrices stack for collectives
         groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=muon_lr,
-                           momentum=muon_momentum, weight_decay=muon_weight_decay))
+                           momentum=muon_momentum, weight_decay=muon_weight_decay, normuon=normuon))
     for g in groups:
         g["initial_lr"] = g["lr"]
     return MuonAdam(groups)

@@ -74,6 +74,7 @@ class Hyperparameters:
     muon_momentum_start: float = flag(0.85, "Muon momentum at step 0")
     muon_momentum_warmup_steps: int = flag(300, "steps of the linear Muon momentum warm-up")
     muon_weight_decay: float = flag(0.0, "Muon decoupled weight decay")
+    normuon: bool = flag(False, "NorMuon: each row of Muon's update evened out by its running RMS, its norm kept")
     embed_lr: float = flag(0.3, "Adam learning rate of the embeddings")
     head_lr: float = flag(0.008, "Adam learning rate of the LM head")
     scalar_lr: float = flag(0.04, "Adam learning rate of the scalars (residual and skip weights)")
@@ -273,8 +274,8 @@ def resume_problems(ckpt: dict, args: Hyperparameters, world: int, data_hash: st
     if saved_world != world:
         p.append(f"it was written by {saved_world} rank(s), this run has {world}; run it with "
                  f"torchrun --nproc_per_node={saved_world} (or the same number of ranks over several nodes)")
-    for name in ("tokens_per_rank", "grad_accum", "max_len", "seed", "sample_by_cluster"):
-        was = saved.get(name, False)  # checkpoints older than --sample_by_cluster did not sample by cluster
+    for name in ("tokens_per_rank", "grad_accum", "max_len", "seed", "sample_by_cluster", "normuon"):
+        was = saved.get(name, False)  # checkpoints older than the two switches ran without them
         if was != getattr(args, name):
             p.append(f"it was trained with --{name} {was}, not {getattr(args, name)}; pass --{name} {was}")
     if ckpt["data_sha256"] != data_hash:
@@ -428,7 +429,8 @@ class Trainer:
         self.model = compiled(self.raw_model, a.compile if device.type == "cuda" else "none")
         self.optimizer = build_optimizer(self.raw_model, muon_lr=a.muon_lr, muon_momentum=a.muon_momentum,
                                          muon_weight_decay=a.muon_weight_decay, embed_lr=a.embed_lr,
-                                         head_lr=a.head_lr, scalar_lr=a.scalar_lr, betas=(a.adam_beta1, a.adam_beta2))
+                                         head_lr=a.head_lr, scalar_lr=a.scalar_lr, betas=(a.adam_beta1, a.adam_beta2),
+                                         normuon=a.normuon)
         shards = {s: sorted(Path(a.data).glob(f"*_{s}_*.bin")) for s in ("train", "valid", "test")}
         self.eval_sets = {(split, scheme): [b.to(device) for b in eval_batches(
             shards[split], a.tokens_per_rank, scheme=scheme, max_len=a.max_len)[self.rank::self.world]]

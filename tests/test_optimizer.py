@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 from model import PRESETS, Model, ModelConfig
-from optimizer import build_optimizer, orthogonalize
+from optimizer import MuonAdam, build_optimizer, orthogonalize
 from test_model import FULL, make_batch, random_model
 
 # 3 matrices of each shape: on 2 ranks one owns 2 and the other 1 plus a padding slot
@@ -43,8 +44,8 @@ def set_grads(model, step: int, rank: int, world: int):
         p.grad = mean + (rank - (world - 1) / 2) * spread
 
 
-def steps_on(model, rank: int, world: int, n: int):
-    opt = build_optimizer(model)
+def steps_on(model, rank: int, world: int, n: int, normuon: bool = False):
+    opt = build_optimizer(model, normuon=normuon)
     for step in range(n):
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * (1 - 0.1 * step)
@@ -53,24 +54,25 @@ def steps_on(model, rank: int, world: int, n: int):
     return opt
 
 
-def gloo_worker(rank: int, world: int, port: int, out: str):
+def gloo_worker(rank: int, world: int, port: int, out: str, normuon: bool):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = random_model(ODD)
-        opt = steps_on(model, rank, world, 2)
+        opt = steps_on(model, rank, world, 2, normuon)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_take_the_same_step_as_one(tmp_path):
+@pytest.mark.parametrize("normuon", [False, True])
+def test_two_gloo_processes_take_the_same_step_as_one(tmp_path, normuon):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(gloo_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(gloo_worker, args=(2, port, str(tmp_path), normuon), nprocs=2)
     model = random_model(ODD)
-    opt = steps_on(model, 0, 1, 2)
+    opt = steps_on(model, 0, 1, 2, normuon)
     single = {"model": model.state_dict(), "optimizer": opt.state_dict()}
     assert len(single["optimizer"]["state"]) == len(list(model.parameters()))
     for rank in range(2):
@@ -80,7 +82,8 @@ def test_two_gloo_processes_take_the_same_step_as_one(tmp_path):
         assert got["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
 
 
-def test_resume_from_state_dicts_is_exact():
+@pytest.mark.parametrize("normuon", [False, True])
+def test_resume_from_state_dicts_is_exact(normuon):
     ids, doc, mask_idx, targets = make_batch([400, 300, 300], seed=4)
 
     def train(model, opt, steps):
@@ -91,17 +94,36 @@ def test_resume_from_state_dicts_is_exact():
 
     torch.manual_seed(0)
     straight = Model(PRESETS["tiny"])
-    opt = build_optimizer(straight)
+    opt = build_optimizer(straight, normuon=normuon)
     train(straight, opt, 3)
     saved = copy.deepcopy({"model": straight.state_dict(), "optimizer": opt.state_dict()})
     train(straight, opt, 3)
 
     resumed = Model(PRESETS["tiny"])
     resumed.load_state_dict(saved["model"])
-    opt = build_optimizer(resumed)
+    opt = build_optimizer(resumed, normuon=normuon)
     opt.load_state_dict(saved["optimizer"])
     train(resumed, opt, 3)
     torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), atol=0, rtol=0)
+
+
+def test_normuon_evens_out_the_rows_of_muons_update_and_keeps_its_norm():
+    """Rows of a gradient over three decades of scale: Newton-Schulz leaves the small rows' updates small; NorMuon
+    gives every row of its first update the same RMS, at the norm of plain Muon's update."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128)
+    grad = torch.logspace(-3, 0, 64)[:, None] * torch.randn(64, 128)
+    deltas = {}
+    for normuon in (False, True):
+        p = nn.Parameter(weight.clone())
+        opt = MuonAdam([dict(kind="muon", params=[p], lr=0.1, momentum=0.0, weight_decay=0.0, normuon=normuon)])
+        p.grad = grad.clone()
+        opt.step()
+        deltas[normuon] = weight - p.detach()
+    rows = {k: d.norm(dim=1) for k, d in deltas.items()}
+    assert rows[False].max() / rows[False].min() > 3  # what NorMuon is for
+    torch.testing.assert_close(rows[True], torch.full_like(rows[True], rows[True].mean()), rtol=1e-4, atol=0)
+    torch.testing.assert_close(deltas[True].norm(), deltas[False].norm(), rtol=1e-5, atol=0)
 
 
 def test_groups_and_schedule_hooks():

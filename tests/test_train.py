@@ -324,7 +324,8 @@ def test_resuming_from_a_checkpoint_that_does_not_fit_is_refused_with_what_to_do
             (other, {}, "trained on other data"),
             (small_shards, {"preset": "sprint"}, "holds a 'tiny' model, not 'sprint'; pass --preset tiny"),
             (small_shards, {"grad_accum": 2}, "--grad_accum 1, not 2; pass --grad_accum 1"),
-            (small_shards, {"tokens_per_rank": 4096}, "pass --tokens_per_rank 1024")]:
+            (small_shards, {"tokens_per_rank": 4096}, "pass --tokens_per_rank 1024"),
+            (small_shards, {"normuon": True}, "--normuon False, not True; pass --normuon False")]:
         with pytest.raises(train.RunError, match=message):
             train.Trainer(tiny(data, tmp_path / "b", resume=str(good), **change))
     ckpt = train.load_checkpoint(good)
