@@ -215,7 +215,8 @@ def test_reproduce_rebuilds_a_run_that_gives_the_same_losses(small_shards, tmp_p
     # a run cut short (its log unfinished, a last line half written) is rebuilt whole
     cut = tmp_path / "cut" / log.name.replace(".txt", ".running.txt")
     cut.parent.mkdir()
-    cut.write_text(log.read_text())
+    text = log.read_text()
+    cut.write_text(text[:text.rindex("step:")])  # no last step line, no final losses
     lines = log.with_suffix(".jsonl").read_text().splitlines(keepends=True)
     cut.with_suffix(".jsonl").write_text("".join(lines[:3]) + lines[3][:10])
     with pytest.raises(RecordError, match="an unfinished log"):
@@ -342,6 +343,11 @@ def test_plot_labels_name_what_the_runs_differ_in(attempt, tmp_path):
     digest = {p: hashlib.sha256(read_run(p)["sources"]["optimizer.py"].encode()).hexdigest()[:6] for p, _, _ in runs}
     assert digest[runs[0][0]] == digest[runs[2][0]] != digest[lever]
     assert [label.split()[-2] for label in labels(runs)] == [f"optimizer.py@{digest[p]}" for p, _, _ in runs]
+    newer = runs[2][0]  # a log from after a source file was added: the others have none of it
+    header = "==> optimizer.py <==\n"
+    newer.write_text(newer.read_text().replace(header, "==> schedule.py <==\n\n" + header, 1))  # an empty file
+    empty = hashlib.sha256(b"").hexdigest()[:6]
+    assert [label.split()[-2] for label in labels(runs)] == ["schedule.py@none"] * 2 + [f"schedule.py@{empty}"]
 
 
 def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):
