@@ -154,12 +154,15 @@ class MuonAdam(torch.optim.Optimizer):
                 if group["kind"] == "muon":
                     self.gather_matrix_state(group)
         sd = super().state_dict()
-        self.drop_foreign_momentum()
+        self.drop_foreign_state()
         return sd
 
     def load_state_dict(self, state_dict: dict):
-        super().load_state_dict(state_dict)
-        self.drop_foreign_momentum()
+        super().load_state_dict(state_dict)  # the groups as saved
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                group.setdefault("normuon", False)  # saved before the option: it ran without
+        self.drop_foreign_state()
 
     def gather_matrix_state(self, group: dict):
         for key, zero in self.fresh_state(group, group["params"][0]).items():
@@ -167,7 +170,7 @@ class MuonAdam(torch.optim.Optimizer):
             for p, value in zip(group["params"], self.gather_shares(group, mine, zero)):
                 self.state[p].setdefault(key, value)
 
-    def drop_foreign_momentum(self):
+    def drop_foreign_state(self):
         for group in self.param_groups:
             if group["kind"] == "muon":
                 owned = set(self.owned(group))

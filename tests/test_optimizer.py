@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from model import PRESETS, Model, ModelConfig
-from optimizer import MuonAdam, build_optimizer, orthogonalize
+from optimizer import NORMUON_BETA, MuonAdam, build_optimizer, orthogonalize
 from test_model import FULL, make_batch, random_model
 
 # 3 matrices of each shape: on 2 ranks one owns 2 and the other 1 plus a padding slot
@@ -120,10 +120,36 @@ def test_normuon_evens_out_the_rows_of_muons_update_and_keeps_its_norm():
         p.grad = grad.clone()
         opt.step()
         deltas[normuon] = weight - p.detach()
+    # the rows' running mean square: with momentum 0 the update is Newton-Schulz of the gradient itself
+    second = torch.randn(64, 128)
+    p.grad = second.clone()
+    opt.step()
+    mean_square = [orthogonalize(g, torch.float32).square().mean(-1, keepdim=True) for g in (grad, second)]
+    expected = NORMUON_BETA * (1 - NORMUON_BETA) * mean_square[0] + (1 - NORMUON_BETA) * mean_square[1]
+    torch.testing.assert_close(opt.state[p]["row_second_moment"], expected, rtol=1e-5, atol=0)
     rows = {k: d.norm(dim=1) for k, d in deltas.items()}
     assert rows[False].max() / rows[False].min() > 3  # what NorMuon is for
     torch.testing.assert_close(rows[True], torch.full_like(rows[True], rows[True].mean()), rtol=1e-4, atol=0)
     torch.testing.assert_close(deltas[True].norm(), deltas[False].norm(), rtol=1e-5, atol=0)
+
+
+def test_a_state_saved_before_normuon_resumes_without_it():
+    torch.manual_seed(0)
+    models = [random_model(ODD) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(m) for m in models]
+    for m, opt in zip(models, opts):
+        set_grads(m, 0, 0, 1)
+        opt.step()
+    old = copy.deepcopy(opts[1].state_dict())
+    for group in old["param_groups"]:
+        group.pop("normuon", None)
+    opts[1] = build_optimizer(models[1])
+    opts[1].load_state_dict(old)
+    for m, opt in zip(models, opts):
+        set_grads(m, 1, 0, 1)
+        opt.step()
+    torch.testing.assert_close(models[1].state_dict(), models[0].state_dict(), atol=0, rtol=0)
 
 
 def test_groups_and_schedule_hooks():
