@@ -113,10 +113,9 @@ class MuonAdam(torch.optim.Optimizer):
         """NorMuon (Li et al., 2025): Newton-Schulz leaves the rows (output neurons) of an update unequal in size;
         each is divided by its running RMS, then the whole update is scaled back to its norm, so the learning rate
         keeps its meaning."""
-        moments = torch.stack([self.state[p]["row_second_moment"] for p in owned])
-        moments.lerp_(updates.square().mean(-1, keepdim=True), 1 - NORMUON_BETA)
-        torch._foreach_copy_([self.state[p]["row_second_moment"] for p in owned], list(moments))
-        normalized = updates / (moments.sqrt() + 1e-10)
+        moments = [self.state[p]["row_second_moment"] for p in owned]
+        torch._foreach_lerp_(moments, list(updates.square().mean(-1, keepdim=True)), 1 - NORMUON_BETA)
+        normalized = updates / (torch.stack(moments).sqrt() + 1e-10)
         return normalized * (updates.norm(dim=(-2, -1), keepdim=True) / (normalized.norm(dim=(-2, -1), keepdim=True)
                                                                          + 1e-10))
 
