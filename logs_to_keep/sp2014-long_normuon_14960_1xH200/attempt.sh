@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs of the tree's train.py back to back, in a process session that outlives the device call that starts it
+# (setsid); progress and logs in /tmp/q. $RUNS: NAME:SEED items; NAME picks the flags below. Data are built first
+# from the FASTA (valid and test as .xz) and cluster files in .carry/data/. From the repo root:
+#   RUNS="short:0 short_normuon:0 long:0 long:1 long:2" setsid nohup bash .carry/attempt.sh > /dev/null 2>&1 < /dev/null &
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+Q=/tmp/q; rm -rf $Q /tmp/snap; mkdir -p $Q /tmp/snap
+cp -a . /tmp/snap/ && cd /tmp/snap && rm -rf logs checkpoints
+exec > $Q/queue.txt 2>&1
+date; nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; git log --oneline -1
+python3 -c "import lzma, shutil; [shutil.copyfileobj(lzma.open(f'.carry/data/sp2014_{s}.fasta.xz'), \
+    open(f'.carry/data/sp2014_{s}.fasta', 'wb')) for s in ('valid', 'test')]"  # carried as .xz: 64 MiB
+python3 data/prepare.py --train .carry/data/sp2014_train.fasta.xz --valid .carry/data/sp2014_valid.fasta \
+    --test .carry/data/sp2014_test.fasta --name sp2014 --out data/sp2014 \
+    --clusters .carry/data/sp2014_clusters.tsv.xz | tail -3
+SHORT="--preset sprint --max_steps 700 --val_every 140 --target_val_loss 2.78"  # track sp2014's record command
+LONG="--preset sprint --max_steps 14960 --val_every 1870 --target_val_loss 2.61 --sample_by_cluster --log_every 100 \
+    --mask_rate 0.25 --muon_weight_decay 0.005 --normuon"
+for run in $RUNS; do
+    name=${run%%:*}; seed=${run##*:}
+    case $name in
+        short) flags=$SHORT ;;
+        short_normuon) flags="$SHORT --normuon" ;;
+        long) flags=$LONG ;;
+        *) echo "unknown run $name"; continue ;;
+    esac
+    cmd="python3 train.py --data data/sp2014 --tokens_per_rank 65536 $flags --seed $seed --log_dir $Q/${name}_seed$seed"
+    echo "$(date +%T) $cmd"
+    eval "$cmd" > $Q/${name}_seed$seed.out 2>&1
+    rc=$?; echo "$(date +%T) $name seed $seed: exit $rc"  # $? read before $(date) resets it
+done
+echo "$(date +%T) queue done"; touch $Q/done
