@@ -8,6 +8,9 @@ export PYTHONUNBUFFERED=1
 Q=/tmp/q; rm -rf $Q /tmp/snap; mkdir -p $Q /tmp/snap
 cp -a . /tmp/snap/ && cd /tmp/snap && rm -rf logs checkpoints
 exec > $Q/queue.txt 2>&1
+# Tracked files left out of the copy to keep it under the carry limit come back from git: the runs are HEAD's tree.
+git checkout -q -- . && [ -z "$(git status --porcelain --untracked-files=no)" ] || { git status --short | head; \
+    echo "the tree is not HEAD's"; touch $Q/done; exit 1; }
 date; nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; git log --oneline -1
 python3 -c "import lzma, shutil; [shutil.copyfileobj(lzma.open(f'.carry/data/sp2014_{s}.fasta.xz'), \
