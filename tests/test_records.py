@@ -1,10 +1,12 @@
-"""tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots."""
+"""tools/records.py on real tiny CPU runs: checking an attempt, rebuilding a run from its log, the leaderboard, plots,
+comparing the arms of an A/B."""
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shlex
+import statistics
 import struct
 import shutil
 import subprocess
@@ -16,8 +18,8 @@ import pytest
 import train
 from test_train import REPO, tiny
 from data.tracks import TRACKS, Track
-from tools.records import (BOARD_END, BOARD_START, FRESH_OUTPUTS, OUTPUT_FLAGS, RecordError, check, command, labels,
-                           folder_logs, leaderboard, log_paths, plot, read_run, reproduce, run_record, t_sf)
+from tools.records import (BOARD_END, BOARD_START, FRESH_OUTPUTS, OUTPUT_FLAGS, RecordError, check, command, compare,
+                           labels, folder_logs, leaderboard, log_paths, plot, read_run, reproduce, run_record, t_sf)
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +362,75 @@ def test_plot_rejects_what_is_not_a_log(attempt, tmp_path):
                           str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True)
     assert cli.returncode == 1 and "is it a log written by train.py?" in cli.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def variant(small_shards, tmp_path_factory) -> dict[int, Path]:
+    """The attempt's three seeds with one lever changed, a 25% training mask rate: the variant arm of an A/B."""
+    logs = tmp_path_factory.mktemp("variant")
+    for seed in range(3):
+        train.main(tiny(small_shards, tmp_path_factory.mktemp(f"variant{seed}"), seed=seed, max_steps=4, val_every=2,
+                        target_val_loss=4.0, mask_rate=0.25, log_dir=str(logs)))
+    return by_seed(logs.glob("*.txt"))
+
+
+def by_seed(logs) -> dict[int, Path]:
+    return {run_record(p)["hyperparameters"]["seed"]: p for p in logs}
+
+
+def final_loss(log: Path, split: str) -> float:
+    return next(json.loads(line)[f"{split}_loss"] for line in log.with_suffix(".jsonl").read_text().splitlines()
+                if "test_loss" in line)
+
+
+def test_compare_pairs_the_arms_by_seed(attempt, variant):
+    baseline = by_seed(attempt)
+    result = compare(attempt, list(variant.values())[::-1])  # in any order: the pairs are made by seed
+    assert result["seeds"] == [0, 1, 2]
+    for split in ("valid", "test"):
+        d = [final_loss(variant[s], split) - final_loss(baseline[s], split) for s in range(3)]
+        mean, std = statistics.mean(d), statistics.stdev(d)
+        assert result[split]["difference_mean"] == pytest.approx(mean)
+        assert result[split]["difference_std"] == pytest.approx(std)
+        assert result[split]["p_value"] == pytest.approx(t_sf(-mean / (std / 3 ** 0.5), 2))
+    rows = [row.split(" | ") for row in result["table"].splitlines()[2:]]
+    assert [row[0] for row in rows] == ["| 0", "| 1", "| 2"]
+    assert [row[1:3] for row in rows] == [[f"{final_loss(log[s], 'valid'):.4f}" for log in (baseline, variant)]
+                                          for s in range(3)]
+    assert "the variant differs in --mask_rate 0.15 -> 0.25\n" in result["summary"]
+    swapped = compare(list(variant.values()), attempt)  # the other way round: the same evidence, the other sign
+    assert swapped["valid"]["difference_mean"] == pytest.approx(-result["valid"]["difference_mean"])
+    assert swapped["valid"]["p_value"] == pytest.approx(1 - result["valid"]["p_value"])
+    assert swapped["step_ms"] == {"baseline": result["step_ms"]["variant"], "variant": result["step_ms"]["baseline"]}
+
+
+def test_compare_refuses_what_does_not_pair(attempt, variant, tmp_path):
+    baseline = by_seed(attempt)
+    with pytest.raises(RecordError, match="the same run as .* a log counts once"):
+        compare(attempt, attempt)  # an A/A of the same logs is no evidence
+    with pytest.raises(RecordError, match=r"the arms have other seeds: baseline \[0, 1, 2\], variant \[0, 1\]; run "
+                                          "the seeds that one arm lacks"):
+        compare(attempt, [variant[0], variant[1]])
+    with pytest.raises(RecordError, match="at least 2 pairs"):
+        compare([baseline[0]], [variant[0]])
+    with pytest.raises(RecordError, match=r"--mask_rate \(0.25 vs 0.15\); the baseline arm changes nothing but"):
+        compare([baseline[0], baseline[1], variant[2]], [variant[0], variant[1]])
+    rerun = copy_logs([variant[0]], tmp_path / "rerun")[0]  # seed 0 of the baseline again, with other losses
+    edit_jsonl(rerun, run_edit("mask_rate", lambda v: 0.15))
+    with pytest.raises(RecordError, match="the baseline arm has seed 0 more than once"):
+        compare(attempt + [rerun], [variant[1], variant[2]])
+    other = copy_logs(list(variant.values()), tmp_path / "other")
+    for log in other:
+        edit_jsonl(log, run_edit("record:data_sha256", lambda v: "0" * 64))
+    with pytest.raises(RecordError, match="trained on other data .* their validation losses do not compare"):
+        compare(attempt, other)
+
+    def cli(*variant_logs):
+        return subprocess.run([sys.executable, "-m", "tools.records", "compare", "--baseline", *map(str, attempt),
+                               "--variant", *map(str, variant_logs)], cwd=REPO, capture_output=True, text=True)
+    shown = cli(*variant.values())
+    assert shown.returncode == 0 and shown.stdout.startswith("| seed | baseline val |")
+    assert "valid loss, variant - baseline over 3 seeds" in shown.stdout
+    refused = cli(variant[0], variant[1])
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("records: an A/B pairs its runs by seed")

@@ -1,9 +1,11 @@
-"""Records: check an attempt, rebuild a run from its log, regenerate the README's leaderboard, plot runs.
+"""Records: check an attempt, rebuild a run from its log, regenerate the README's leaderboard, plot runs, compare
+two arms of an A/B.
 
     python -m tools.records check logs_to_keep/RECORD
     python -m tools.records reproduce logs_to_keep/RECORD/A.txt --out /tmp/repro [--seed N] [--data PATH] [--run]
     python -m tools.records leaderboard          # rewrites README.md's record table: one row per logs_to_keep/ folder
     python -m tools.records plot logs/A.txt logs/B.txt --out runs.png [--size 1400x500]
+    python -m tools.records compare --baseline logs/plain --variant logs/lever   # an A/B, paired by seed
 
 A log is the `.txt` that train.py writes (full source, command, environment) with its `.jsonl` twin (the numbers).
 """
@@ -138,6 +140,12 @@ def t_sf(t: float, df: int) -> float:
     return tail if t >= 0 else 1 - tail
 
 
+def p_below(values: list[float], bound: float) -> float:
+    """The one-sided t-test's p-value that the mean of `values` lies below `bound` (1 or 0 when they are all equal)."""
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    return float(mean >= bound) if std == 0 else t_sf((bound - mean) / (std / math.sqrt(len(values))), len(values) - 1)
+
+
 def incomplete_beta(a: float, b: float, x: float) -> float:
     """I_x(a, b) by its continued fraction (modified Lentz), using the symmetry that makes it converge fast."""
     if x <= 0 or x >= 1:
@@ -172,6 +180,38 @@ OUTPUT_FLAGS = {"data", "log_dir", "checkpoint_dir", "save_every", "keep_checkpo
 FRESH_OUTPUTS = ("log_dir", "checkpoint_dir", "wandb_project", "hf_repo")
 
 
+def refuse_duplicates(runs: list):
+    """Each log counts once: no two with the same run id, content or losses."""
+    for key, what in [("run_id", "run id"), ("sha256", "content"), ("losses", "losses")]:
+        seen = {}
+        for run in runs:
+            value = json.dumps(run[key])
+            if value in seen:
+                raise RecordError(f"{run['path']}: the same run as {seen[value]} (same {what}): a log counts once")
+            seen[value] = run["path"]
+
+
+def one_configuration(runs: list, what: str):
+    """Refuse runs that are not one configuration: the same embedded sources, data, clusters and hyperparameters
+    but the seed and where outputs went."""
+    first = runs[0]
+    for run in runs[1:]:
+        for name in sorted(set(first["sources"]) | set(run["sources"])):
+            if first["sources"].get(name) != run["sources"].get(name):
+                raise RecordError(f"{run['path']}: its {name} differs from that of {first['path']}")
+        for key, other in [("data_sha256", "trained on other data (sha256"),  # clusters: None without sampling
+                           ("clusters_sha256", "sampled its training documents by other clusters (cluster files")]:
+            if run["meta"].get(key) != first["meta"].get(key):
+                raise RecordError(f"{run['path']}: {other} {run['meta'].get(key)}) than {first['path']} "
+                                  f"({first['meta'].get(key)})")
+        h, h0 = run["meta"]["hyperparameters"], first["meta"]["hyperparameters"]
+        differ = sorted(k for k in set(h) | set(h0) if k not in OUTPUT_FLAGS | {"seed"} and h.get(k) != h0.get(k))
+        if differ:
+            raise RecordError(f"{run['path']}: its hyperparameters differ from those of {first['path']} in "
+                              + ", ".join(f"--{k} ({h.get(k)} vs {h0.get(k)})" for k in differ)
+                              + f"; {what} changes nothing but --seed")
+
+
 def check(paths: list, tracks: dict = TRACKS) -> dict:
     """One attempt under the record rules: runs of the same code, data and hyperparameters but the seed, seeds
     0..n-1 (n >= 3), every run trained its full --max_steps on its track's data, constants and hardware, and the
@@ -180,13 +220,7 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
     runs = [read_run(p) for p in paths]
     if len(runs) < 3:
         raise RecordError(f"an attempt needs at least 3 runs for the t-test, got {len(runs)}")
-    for key, what in [("run_id", "run id"), ("sha256", "content"), ("losses", "losses")]:
-        seen = {}
-        for run in runs:
-            value = json.dumps(run[key])
-            if value in seen:
-                raise RecordError(f"{run['path']}: the same run as {seen[value]} (same {what}): a log counts once")
-            seen[value] = run["path"]
+    refuse_duplicates(runs)
     seeds = sorted(run["meta"]["hyperparameters"]["seed"] for run in runs)
     if seeds != list(range(len(runs))):
         repeated = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -194,22 +228,9 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
         raise RecordError(f"an attempt's runs are seeds 0..{len(runs) - 1}, each once, so that no run is left out; "
                           f"got seeds {seeds}" + (f" (twice: {repeated})" if repeated else "")
                           + (f" (missing: {missing})" if missing else ""))
+    one_configuration(runs, "an attempt")
     first = runs[0]
     for run in runs[1:]:
-        for name in sorted(set(first["sources"]) | set(run["sources"])):
-            if first["sources"].get(name) != run["sources"].get(name):
-                raise RecordError(f"{run['path']}: its {name} differs from that of {first['path']}")
-        for key, what in [("data_sha256", "trained on other data (sha256"),  # clusters: None without sampling
-                          ("clusters_sha256", "sampled its training documents by other clusters (cluster files")]:
-            if run["meta"].get(key) != first["meta"].get(key):
-                raise RecordError(f"{run['path']}: {what} {run['meta'].get(key)}) than {first['path']} "
-                                  f"({first['meta'].get(key)})")
-        h, h0 = run["meta"]["hyperparameters"], first["meta"]["hyperparameters"]
-        differ = sorted(k for k in set(h) | set(h0) if k not in OUTPUT_FLAGS | {"seed"} and h.get(k) != h0.get(k))
-        if differ:
-            raise RecordError(f"{run['path']}: its hyperparameters differ from those of {first['path']} in "
-                              + ", ".join(f"--{k} ({h.get(k)} vs {h0.get(k)})" for k in differ)
-                              + "; an attempt changes nothing but --seed")
         if (run["meta"]["world_size"], run["devices"]) != (first["meta"]["world_size"], first["devices"]):
             raise RecordError(f"{run['path']}: ran on {run['meta']['world_size']} rank(s) of {run['devices']}, "
                               f"{first['path']} on {first['meta']['world_size']} of {first['devices']}")
@@ -230,8 +251,7 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
     seconds = [run["outcome"]["train_time_ms"] / 1000 for run in runs]
     mean, std = statistics.mean(losses), statistics.stdev(losses)
     target = track.target
-    p = (float(mean >= target) if std == 0 else
-         t_sf((target - mean) / (std / math.sqrt(len(losses))), len(losses) - 1))
+    p = p_below(losses, target)
     result = {"track": track.name, "runs": len(runs), "target": target, "val_loss_mean": mean, "val_loss_std": std,
               "p_value": p, "time_mean_s": statistics.mean(seconds), "time_std_s": statistics.stdev(seconds)}
     table = ["| seed | final val loss | test loss | training time | first at the target | log |",
@@ -252,6 +272,61 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
                           f"{len(runs) + 1}, ...: `python -m tools.records reproduce LOG --out DIR --seed "
                           f"{len(runs)} --data PATH --run` runs one from one of these logs) or train further",
                           result["table"])
+    return result
+
+
+def compare(baseline_paths: list, variant_paths: list) -> dict:
+    """An A/B paired by seed: each arm one configuration, both on the same data and with the same seeds (each once,
+    at least two). Per seed, the variant's final validation and test losses minus the baseline's; the one-sided
+    paired t-test's p-value that the variant ends lower; each arm's time a step (a ratio that means something only
+    for pairs run on one machine, as a same-call A/B does)."""
+    arms = {"baseline": [read_run(p) for p in baseline_paths], "variant": [read_run(p) for p in variant_paths]}
+    refuse_duplicates(arms["baseline"] + arms["variant"])
+    by_seed = {}
+    for name, runs in arms.items():
+        one_configuration(runs, f"the {name} arm")
+        seeds = [run["meta"]["hyperparameters"]["seed"] for run in runs]
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise RecordError(f"the {name} arm has seed {repeated[0]} more than once; an A/B pairs its runs by seed")
+        by_seed[name] = dict(zip(seeds, runs))
+    seeds = sorted(by_seed["baseline"])
+    if seeds != sorted(by_seed["variant"]):
+        raise RecordError(f"an A/B pairs its runs by seed, but the arms have other seeds: baseline {seeds}, variant "
+                          f"{sorted(by_seed['variant'])}; run the seeds that one arm lacks")
+    if len(seeds) < 2:
+        raise RecordError(f"an A/B needs at least 2 pairs of runs for the t-test, got {len(seeds)}")
+    base, variant = arms["baseline"][0], arms["variant"][0]
+    if base["meta"]["data_sha256"] != variant["meta"]["data_sha256"]:
+        raise RecordError(f"{variant['path']}: trained on other data (sha256 {variant['meta']['data_sha256']}) than "
+                          f"{base['path']} ({base['meta']['data_sha256']}): their validation losses do not compare")
+    pairs = [(by_seed["baseline"][s], by_seed["variant"][s]) for s in seeds]
+    ms = {name: [run["outcome"]["train_time_ms"] / run["outcome"]["final_step"] for run in arms[name]] for name in arms}
+    result = {"seeds": seeds, "step_ms": {name: statistics.mean(v) for name, v in ms.items()}}
+    for split in ("valid", "test"):
+        d = [v["final"][f"{split}_loss"] - b["final"][f"{split}_loss"] for b, v in pairs]
+        result[split] = {"difference_mean": statistics.mean(d), "difference_std": statistics.stdev(d),
+                         "p_value": p_below(d, 0.0)}
+    hyperparameters = with_defaults([base["meta"]["hyperparameters"], variant["meta"]["hyperparameters"]])
+    flags, files = differences(hyperparameters, [base["sources"], variant["sources"]], OUTPUT_FLAGS | {"seed"})
+    lever = [f"--{k} {hyperparameters[0].get(k)} -> {hyperparameters[1].get(k)}" for k in flags] + files
+    table = ["| seed | baseline val | variant val | variant - baseline | baseline test | variant test | "
+             "baseline ms a step | variant ms a step |", "|" + " --- |" * 8]
+    for seed, (b, v) in zip(seeds, pairs):
+        table.append(f"| {seed} | {b['final']['valid_loss']:.4f} | {v['final']['valid_loss']:.4f} | "
+                     f"{v['final']['valid_loss'] - b['final']['valid_loss']:+.4f} | {b['final']['test_loss']:.4f} | "
+                     f"{v['final']['test_loss']:.4f} | "
+                     + " | ".join(f"{r['outcome']['train_time_ms'] / r['outcome']['final_step']:.2f}" for r in (b, v))
+                     + " |")
+    result["table"] = "\n".join(table)
+    step = result["step_ms"]
+    result["summary"] = "\n".join(
+        [f"the variant differs in {', '.join(lever) if lever else 'nothing but the seed (an A/A: seed noise)'}"]
+        + [f"{split} loss, variant - baseline over {len(seeds)} seeds: {r['difference_mean']:+.4f} ± "
+           f"{r['difference_std']:.4f} (one-sided p = {r['p_value']:.2e} that the variant ends lower)"
+           for split, r in ((s, result[s]) for s in ("valid", "test"))]
+        + [f"time a step: variant {step['variant']:.2f} ms, baseline {step['baseline']:.2f} ms "
+           f"({step['variant'] / step['baseline'] - 1:+.2%})"])
     return result
 
 
@@ -353,17 +428,29 @@ UNLABELLED = OUTPUT_FLAGS | {"preset", "max_steps", "log_every", "val_every", "t
                              "compile"}
 
 
+def with_defaults(hyperparameters: list[dict]) -> list[dict]:
+    """Logged hyperparameters, a flag that an older log lacks at today's default: the code before the flag did what
+    its default does."""
+    defaults = train_defaults()
+    return [{**defaults, **h} for h in hyperparameters]
+
+
+def differences(hyperparameters: list[dict], sources: list[dict], ignore: set) -> tuple[list[str], list[str]]:
+    """The hyperparameters outside `ignore`, and the embedded source files, in which runs differ: an A/B's lever."""
+    flags = sorted(k for k in set().union(*hyperparameters) - ignore
+                   if len({repr(h.get(k)) for h in hyperparameters}) > 1)
+    files = sorted(name for name in set().union(*sources) if len({s.get(name) for s in sources}) > 1)
+    return flags, files
+
+
 def labels(runs: list) -> list[str]:
     """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
     which the plotted runs differ, and each embedded source file that differs (as FILE@ the start of its sha256),
-    so the lever of an A/B is in its label, be it a flag or code, then the log's id. A flag that an older log lacks
-    counts at its default: the code before the flag did what its default does."""
-    defaults = train_defaults()
-    hyperparameters = [{**defaults, **meta["hyperparameters"]} for _, _, meta in runs]
-    differ = [k for k in sorted(defaults.keys() - UNLABELLED) if len({repr(h[k]) for h in hyperparameters}) > 1]
-    digests = [{name: hashlib.sha256(body.encode()).hexdigest()[:6] for name, body in
-                log_sources(log_text(path)).items()} for path, _, _ in runs]
-    changed = sorted(name for name in set().union(*digests) if len({d.get(name) for d in digests}) > 1)
+    so the lever of an A/B is in its label, be it a flag or code, then the log's id."""
+    hyperparameters = with_defaults([meta["hyperparameters"] for _, _, meta in runs])
+    sources = [log_sources(log_text(path)) for path, _, _ in runs]
+    differ, changed = differences(hyperparameters, sources, UNLABELLED)
+    digests = [{name: hashlib.sha256(body.encode()).hexdigest()[:6] for name, body in s.items()} for s in sources]
     return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h[k]}" for k in differ)
             + "".join(f" {name}@{d.get(name, 'none')}" for name in changed) + f" {path.stem[:8]}"
             for (path, _, _), h, d in zip(runs, hyperparameters, digests)]
@@ -435,6 +522,9 @@ def main(argv=None):
     g.add_argument("logs", nargs="+", type=Path, help="run logs (RUN_ID.txt), or folders of them")
     g.add_argument("--out", type=Path, required=True, help="the PNG to write")
     g.add_argument("--size", type=pixels, default=(1400, 500), help="WIDTHxHEIGHT in pixels (default 1400x500)")
+    c = sub.add_parser("compare", help="compare the two arms of an A/B, paired by seed")
+    c.add_argument("--baseline", nargs="+", type=Path, required=True, help="its run logs, or a folder of them")
+    c.add_argument("--variant", nargs="+", type=Path, required=True, help="its run logs, or a folder of them")
     a = p.parse_args(argv)
     if a.command == "check":
         result = check(log_paths(a.logs))
@@ -442,6 +532,10 @@ def main(argv=None):
         return result
     if a.command == "reproduce":
         return reproduce(a.log, a.out, a.run, a.seed, a.data)
+    if a.command == "compare":
+        result = compare(log_paths(a.baseline), log_paths(a.variant))
+        print(result["table"] + "\n" + result["summary"])
+        return result
     if a.command == "plot":
         return plot(log_paths(a.logs), a.out, *a.size)
     print(leaderboard(a.logs, a.readme))
