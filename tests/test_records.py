@@ -340,6 +340,9 @@ def test_plot_labels_name_what_the_runs_differ_in(attempt, tmp_path):
     assert [label.split()[4] for label in labels(runs)] == ["sample_by_cluster=False", "sample_by_cluster=True",
                                                             "sample_by_cluster=False"]
     assert labels(runs[:1]) == [f"tiny 4 steps {runs[0][0].stem[:8]}"]  # one run: nothing to tell apart
+    runs[0][2]["hyperparameters"]["removed_flag"] = 1  # a log of a flag that train.py no longer has
+    assert [label.split()[4] for label in labels(runs)] == ["removed_flag=1", "removed_flag=None", "removed_flag=None"]
+    del runs[0][2]["hyperparameters"]["removed_flag"]
     lever = runs[1][0]  # a lever in code: its log embeds another optimizer.py
     lever.write_text(lever.read_text().replace("==> optimizer.py <==\n", "==> optimizer.py <==\n# a lever\n", 1))
     digest = {p: hashlib.sha256(read_run(p)["sources"]["optimizer.py"].encode()).hexdigest()[:6] for p, _, _ in runs}
@@ -398,10 +401,32 @@ def test_compare_pairs_the_arms_by_seed(attempt, variant):
     assert [row[1:3] for row in rows] == [[f"{final_loss(log[s], 'valid'):.4f}" for log in (baseline, variant)]
                                           for s in range(3)]
     assert "the variant differs in --mask_rate 0.15 -> 0.25\n" in result["summary"]
+    step_ms = lambda log: (lambda o: o["train_time_ms"] / o["final_step"])(read_run(log)["outcome"])
+    assert result["step_ms"]["variant"] == pytest.approx(statistics.mean(map(step_ms, variant.values())))
+    assert result["step_ratio"] == pytest.approx(statistics.mean(step_ms(variant[s]) / step_ms(baseline[s])
+                                                                 for s in range(3)))
+    assert [row[-2:] for row in rows] == [[f"{step_ms(baseline[s]):.2f}", f"{step_ms(variant[s]):.2f} |"]
+                                          for s in range(3)]
     swapped = compare(list(variant.values()), attempt)  # the other way round: the same evidence, the other sign
     assert swapped["valid"]["difference_mean"] == pytest.approx(-result["valid"]["difference_mean"])
     assert swapped["valid"]["p_value"] == pytest.approx(1 - result["valid"]["p_value"])
     assert swapped["step_ms"] == {"baseline": result["step_ms"]["variant"], "variant": result["step_ms"]["baseline"]}
+
+
+def test_compare_weighs_a_lever_of_speed_alone(attempt, tmp_path):
+    """Training repeats to the bit: a change that makes the step faster and nothing else gives the same losses. Its
+    arms are not duplicates; their losses differ by nothing."""
+    faster = copy_logs(attempt, tmp_path / "faster")
+    for log in faster:
+        log.write_text(log.read_text().replace("==> train.py <==\n", "==> train.py <==\n# a faster step\n", 1))
+        edit_jsonl(log, run_edit("record:run_id", lambda v: v + "-faster"))
+    result = compare(attempt, faster)
+    assert result["valid"] == {"difference_mean": 0.0, "difference_std": 0.0, "p_value": 1.0}
+    assert result["step_ratio"] == pytest.approx(1.0) and "the variant differs in train.py\n" in result["summary"]
+    stopped = copy_logs(faster[:1], tmp_path / "stopped")[0]
+    edit_jsonl(stopped, lambda r: {**r, "final_step": 2} if "final_step" in r else r)
+    with pytest.raises(RecordError, match="stopped at step 2 of --max_steps 4"):
+        compare(attempt, [stopped, *faster[1:]])  # its final loss is not that of the end of its schedule
 
 
 def test_compare_refuses_what_does_not_pair(attempt, variant, tmp_path):
@@ -417,7 +442,8 @@ def test_compare_refuses_what_does_not_pair(attempt, variant, tmp_path):
         compare([baseline[0], baseline[1], variant[2]], [variant[0], variant[1]])
     rerun = copy_logs([variant[0]], tmp_path / "rerun")[0]  # seed 0 of the baseline again, with other losses
     edit_jsonl(rerun, run_edit("mask_rate", lambda v: 0.15))
-    with pytest.raises(RecordError, match="the baseline arm has seed 0 more than once"):
+    with pytest.raises(RecordError, match=f"the baseline arm has seed 0 twice \\({re.escape(str(baseline[0]))} and "
+                                          f"{re.escape(str(rerun))}\\); an A/B pairs its runs by seed: keep one"):
         compare(attempt + [rerun], [variant[1], variant[2]])
     other = copy_logs(list(variant.values()), tmp_path / "other")
     for log in other:

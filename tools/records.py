@@ -180,9 +180,11 @@ OUTPUT_FLAGS = {"data", "log_dir", "checkpoint_dir", "save_every", "keep_checkpo
 FRESH_OUTPUTS = ("log_dir", "checkpoint_dir", "wandb_project", "hf_repo")
 
 
-def refuse_duplicates(runs: list):
-    """Each log counts once: no two with the same run id, content or losses."""
+def refuse_duplicates(runs: list, keys=("run_id", "sha256", "losses")):
+    """Each log counts once: no two with the same run id, content or losses (of the `keys`)."""
     for key, what in [("run_id", "run id"), ("sha256", "content"), ("losses", "losses")]:
+        if key not in keys:
+            continue
         seen = {}
         for run in runs:
             value = json.dumps(run[key])
@@ -212,6 +214,15 @@ def one_configuration(runs: list, what: str):
                               + f"; {what} changes nothing but --seed")
 
 
+def refuse_early_stops(runs: list):
+    """Every run trained its whole --max_steps: final losses compare only at the steps their schedules end on."""
+    for run in runs:
+        h = run["meta"]["hyperparameters"]
+        if h.get("stop_at_target") or run["outcome"]["final_step"] < h["max_steps"]:
+            raise RecordError(f"{run['path']}: stopped at step {run['outcome']['final_step']} of --max_steps "
+                              f"{h['max_steps']}; a record run trains every step (the target only labels the log)")
+
+
 def check(paths: list, tracks: dict = TRACKS) -> dict:
     """One attempt under the record rules: runs of the same code, data and hyperparameters but the seed, seeds
     0..n-1 (n >= 3), every run trained its full --max_steps on its track's data, constants and hardware, and the
@@ -234,11 +245,7 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
         if (run["meta"]["world_size"], run["devices"]) != (first["meta"]["world_size"], first["devices"]):
             raise RecordError(f"{run['path']}: ran on {run['meta']['world_size']} rank(s) of {run['devices']}, "
                               f"{first['path']} on {first['meta']['world_size']} of {first['devices']}")
-    for run in runs:
-        h = run["meta"]["hyperparameters"]
-        if h.get("stop_at_target") or run["outcome"]["final_step"] < h["max_steps"]:
-            raise RecordError(f"{run['path']}: stopped at step {run['outcome']['final_step']} of --max_steps "
-                              f"{h['max_steps']}; a record run trains every step (the target only labels the log)")
+    refuse_early_stops(runs)
     h = first["meta"]["hyperparameters"]
     track = track_of(first["meta"]["data_sha256"], h, tracks)
     if track is None:
@@ -276,20 +283,24 @@ def check(paths: list, tracks: dict = TRACKS) -> dict:
 
 
 def compare(baseline_paths: list, variant_paths: list) -> dict:
-    """An A/B paired by seed: each arm one configuration, both on the same data and with the same seeds (each once,
-    at least two). Per seed, the variant's final validation and test losses minus the baseline's; the one-sided
-    paired t-test's p-value that the variant ends lower; each arm's time a step (a ratio that means something only
-    for pairs run on one machine, as a same-call A/B does)."""
+    """An A/B paired by seed: each arm one configuration of whole runs, both on the same data and with the same
+    seeds (each once, at least two). Per seed, the variant's final validation and test losses minus the baseline's;
+    the one-sided paired t-test's p-value that the variant ends lower; the time a step of each arm and their ratio,
+    the mean of the pairs' (a ratio that means something only for pairs run on one machine, as a same-call A/B)."""
     arms = {"baseline": [read_run(p) for p in baseline_paths], "variant": [read_run(p) for p in variant_paths]}
-    refuse_duplicates(arms["baseline"] + arms["variant"])
+    refuse_duplicates(arms["baseline"] + arms["variant"], ("run_id", "sha256"))  # a lever of speed alone keeps losses
     by_seed = {}
     for name, runs in arms.items():
+        refuse_duplicates(runs)
         one_configuration(runs, f"the {name} arm")
-        seeds = [run["meta"]["hyperparameters"]["seed"] for run in runs]
-        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-        if repeated:
-            raise RecordError(f"the {name} arm has seed {repeated[0]} more than once; an A/B pairs its runs by seed")
-        by_seed[name] = dict(zip(seeds, runs))
+        refuse_early_stops(runs)
+        by_seed[name] = {}
+        for run in runs:
+            seed = run["meta"]["hyperparameters"]["seed"]
+            if seed in by_seed[name]:
+                raise RecordError(f"the {name} arm has seed {seed} twice ({by_seed[name][seed]['path']} and "
+                                  f"{run['path']}); an A/B pairs its runs by seed: keep one of each")
+            by_seed[name][seed] = run
     seeds = sorted(by_seed["baseline"])
     if seeds != sorted(by_seed["variant"]):
         raise RecordError(f"an A/B pairs its runs by seed, but the arms have other seeds: baseline {seeds}, variant "
@@ -299,10 +310,12 @@ def compare(baseline_paths: list, variant_paths: list) -> dict:
     base, variant = arms["baseline"][0], arms["variant"][0]
     if base["meta"]["data_sha256"] != variant["meta"]["data_sha256"]:
         raise RecordError(f"{variant['path']}: trained on other data (sha256 {variant['meta']['data_sha256']}) than "
-                          f"{base['path']} ({base['meta']['data_sha256']}): their validation losses do not compare")
+                          f"{base['path']} ({base['meta']['data_sha256']}): their validation losses do not compare; "
+                          "run both arms on the same shards")
     pairs = [(by_seed["baseline"][s], by_seed["variant"][s]) for s in seeds]
-    ms = {name: [run["outcome"]["train_time_ms"] / run["outcome"]["final_step"] for run in arms[name]] for name in arms}
-    result = {"seeds": seeds, "step_ms": {name: statistics.mean(v) for name, v in ms.items()}}
+    step_ms = lambda run: run["outcome"]["train_time_ms"] / run["outcome"]["final_step"]
+    result = {"seeds": seeds, "step_ms": {name: statistics.mean(map(step_ms, arms[name])) for name in arms},
+              "step_ratio": statistics.mean(step_ms(v) / step_ms(b) for b, v in pairs)}
     for split in ("valid", "test"):
         d = [v["final"][f"{split}_loss"] - b["final"][f"{split}_loss"] for b, v in pairs]
         result[split] = {"difference_mean": statistics.mean(d), "difference_std": statistics.stdev(d),
@@ -310,29 +323,31 @@ def compare(baseline_paths: list, variant_paths: list) -> dict:
     hyperparameters = with_defaults([base["meta"]["hyperparameters"], variant["meta"]["hyperparameters"]])
     flags, files = differences(hyperparameters, [base["sources"], variant["sources"]], OUTPUT_FLAGS | {"seed"})
     lever = [f"--{k} {hyperparameters[0].get(k)} -> {hyperparameters[1].get(k)}" for k in flags] + files
+    if base["meta"].get("clusters_sha256") != variant["meta"].get("clusters_sha256"):
+        lever.append("the cluster files it sampled by")
+    if (base["meta"]["world_size"], base["devices"]) != (variant["meta"]["world_size"], variant["devices"]):
+        lever.append(f"its GPUs ({base['meta']['world_size']}x {base['devices'][0]} -> "
+                     f"{variant['meta']['world_size']}x {variant['devices'][0]})")
     table = ["| seed | baseline val | variant val | variant - baseline | baseline test | variant test | "
              "baseline ms a step | variant ms a step |", "|" + " --- |" * 8]
     for seed, (b, v) in zip(seeds, pairs):
         table.append(f"| {seed} | {b['final']['valid_loss']:.4f} | {v['final']['valid_loss']:.4f} | "
                      f"{v['final']['valid_loss'] - b['final']['valid_loss']:+.4f} | {b['final']['test_loss']:.4f} | "
-                     f"{v['final']['test_loss']:.4f} | "
-                     + " | ".join(f"{r['outcome']['train_time_ms'] / r['outcome']['final_step']:.2f}" for r in (b, v))
-                     + " |")
+                     f"{v['final']['test_loss']:.4f} | {step_ms(b):.2f} | {step_ms(v):.2f} |")
     result["table"] = "\n".join(table)
-    step = result["step_ms"]
     result["summary"] = "\n".join(
-        [f"the variant differs in {', '.join(lever) if lever else 'nothing but the seed (an A/A: seed noise)'}"]
-        + [f"{split} loss, variant - baseline over {len(seeds)} seeds: {r['difference_mean']:+.4f} ± "
-           f"{r['difference_std']:.4f} (one-sided p = {r['p_value']:.2e} that the variant ends lower)"
-           for split, r in ((s, result[s]) for s in ("valid", "test"))]
-        + [f"time a step: variant {step['variant']:.2f} ms, baseline {step['baseline']:.2f} ms "
-           f"({step['variant'] / step['baseline'] - 1:+.2%})"])
+        [f"the variant differs in {', '.join(lever)}" if lever else "the arms differ in nothing: an A/A"]
+        + [f"{split} loss, variant - baseline over {len(seeds)} seeds: {result[split]['difference_mean']:+.4f} ± "
+           f"{result[split]['difference_std']:.4f} (one-sided p = {result[split]['p_value']:.2e} that the variant "
+           "ends lower)" for split in ("valid", "test")]
+        + [f"time a step: variant {result['step_ms']['variant']:.2f} ms, baseline {result['step_ms']['baseline']:.2f} "
+           f"ms ({result['step_ratio'] - 1:+.2%}, the mean of the pairs' ratios)"])
     return result
 
 
 def train_defaults() -> dict:
     """Today's train.py hyperparameters at their defaults."""
-    from train import Hyperparameters  # only here: torch is needed for nothing else in this module
+    from train import Hyperparameters  # here, not at the top: check and the leaderboard need no torch
     return dataclasses.asdict(Hyperparameters())
 
 
@@ -451,7 +466,7 @@ def labels(runs: list) -> list[str]:
     sources = [log_sources(log_text(path)) for path, _, _ in runs]
     differ, changed = differences(hyperparameters, sources, UNLABELLED)
     digests = [{name: hashlib.sha256(body.encode()).hexdigest()[:6] for name, body in s.items()} for s in sources]
-    return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h[k]}" for k in differ)
+    return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h.get(k)}" for k in differ)
             + "".join(f" {name}@{d.get(name, 'none')}" for name in changed) + f" {path.stem[:8]}"
             for (path, _, _), h, d in zip(runs, hyperparameters, digests)]
 
