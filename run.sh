@@ -39,11 +39,10 @@ DATA=${DATA:-$TRACK_DATA}
 SOURCE=${SOURCE:-../shared/data}
 if [ ! -f "$DATA/manifest.json" ]; then
     echo "run.sh: track $TRACK_NAME's data are missing in $DATA: building them"
-    if [[ "$TRACK_NAME" == sp2014* && -f "$SOURCE/sp2014_train.fasta.xz" ]]; then
-        CLUSTERS=()  # each training document's cluster, for --sample_by_cluster
-        if [ -f "$SOURCE/sp2014_clusters.tsv.xz" ]; then CLUSTERS=(--clusters "$SOURCE/sp2014_clusters.tsv.xz"); fi
+    # the split files, with each training document's cluster for --sample_by_cluster
+    if [[ "$TRACK_NAME" == sp2014* && -f "$SOURCE/sp2014_train.fasta.xz" && -f "$SOURCE/sp2014_clusters.tsv.xz" ]]; then
         "$PYTHON" data/prepare.py --train "$SOURCE/sp2014_train.fasta.xz" --valid "$SOURCE/sp2014_valid.fasta" \
-            --test "$SOURCE/sp2014_test.fasta" "${CLUSTERS[@]}" --name sp2014 --out "$DATA"
+            --test "$SOURCE/sp2014_test.fasta" --clusters "$SOURCE/sp2014_clusters.tsv.xz" --name sp2014 --out "$DATA"
     else
         ${TRACK_BUILD/#python /$PYTHON } --out "$DATA"  # the track's public recipe, with this script's Python
     fi

@@ -1,5 +1,6 @@
 """tools/scaling.py: the fitter on points of a known law, the recommendation against the law's optimum, real logs."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,5 +109,11 @@ def test_a_log_without_a_final_loss_is_refused(tiny_logs, tmp_path):
     txt.with_suffix(".jsonl").write_text("".join(line + "\n" for line in jsonl if "test_loss" not in line))
     with pytest.raises(RecordError, match="did not finish"):
         points([txt])
+    running = txt.with_name(txt.stem + ".running.txt")  # a run in progress, which logs/*.txt matches too
+    for suffix in (".txt", ".jsonl"):
+        shutil.copy(txt.with_suffix(suffix), running.with_suffix("").with_suffix(".running" + suffix))
+    assert points([running, *tiny_logs]) == points(tiny_logs)
+    r = scaling_cli("fit", running, *tiny_logs, "--out", tmp_path / "fit.json")
+    assert f"left out 1 unfinished log(s): {running}\n" in r.stderr and "1 model size(s)" in r.stderr
     r = scaling_cli("fit", txt, "--out", tmp_path / "fit.json")
     assert r.returncode == 1 and "scaling: " in r.stderr and "did not finish" in r.stderr

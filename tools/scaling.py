@@ -44,9 +44,13 @@ def params(preset: str) -> int:
 
 
 def points(paths: list) -> list[dict]:
-    """(N, D, final validation loss) of each log."""
+    """(N, D, final validation loss) of each finished log. The unfinished ones that train.py names RUN_ID.running.txt
+    (a run in progress) and RUN_ID.failed.txt are left out with a note: `logs/*.txt` matches them too."""
+    unfinished = [p for p in paths if Path(p).stem.endswith((".running", ".failed"))]
+    if unfinished:
+        print(f"left out {len(unfinished)} unfinished log(s): {', '.join(map(str, unfinished))}", file=sys.stderr)
     rows = []
-    for path in paths:
+    for path in (p for p in paths if p not in unfinished):
         run = read_run(path)  # says what is wrong with a log that is not one, or a run that did not finish
         rows.append({"log": str(path), "params": params(run["meta"]["hyperparameters"]["preset"]),
                      "tokens": tokens_trained(run), "loss": run["final"]["valid_loss"]})
