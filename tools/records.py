@@ -97,10 +97,15 @@ def log_paths(paths: list[Path]) -> list[Path]:
     return logs
 
 
+def unfinished(txt) -> bool:
+    """Whether train.py named the log as that of a run in progress (RUN_ID.running.txt) or failed (.failed.txt)."""
+    return Path(txt).stem.endswith((".running", ".failed"))
+
+
 def read_run(txt) -> dict:
     """The sources, run record (hyperparameters, data hash, world size, date), evaluations and outcome of a log."""
     txt = Path(txt)
-    if txt.stem.endswith((".running", ".failed")):
+    if unfinished(txt):
         raise RecordError(f"{txt}: an unfinished log (train.py names a log RUN_ID.txt only when its run ends well)")
     text = log_text(txt)
     sources = log_sources(text)
@@ -180,11 +185,13 @@ OUTPUT_FLAGS = {"data", "log_dir", "checkpoint_dir", "save_every", "keep_checkpo
 FRESH_OUTPUTS = ("log_dir", "checkpoint_dir", "wandb_project", "hf_repo")
 
 
-def refuse_duplicates(runs: list, keys=("run_id", "sha256", "losses")):
-    """Each log counts once: no two with the same run id, content or losses (of the `keys`)."""
-    for key, what in [("run_id", "run id"), ("sha256", "content"), ("losses", "losses")]:
-        if key not in keys:
-            continue
+SAMENESS = {"run_id": "run id", "sha256": "content", "losses": "losses"}  # what makes two logs one run
+
+
+def refuse_duplicates(runs: list, keys=tuple(SAMENESS)):
+    """Each log counts once: no two the same in any of `keys` (run id, content, losses)."""
+    for key in keys:
+        what = SAMENESS[key]
         seen = {}
         for run in runs:
             value = json.dumps(run[key])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model import PRESETS, Model
-from tools.records import RecordError, read_run, tokens_trained
+from tools.records import RecordError, read_run, tokens_trained, unfinished
 
 # Cheng et al.'s masked-LM compute-optimal exponents, N_opt ∝ C^0.776 and D_opt ∝ C^0.230 (their IsoFLOPs fit),
 # as collected in a public notes file of published scaling exponents ("Training Compute-Optimal Protein Language
@@ -46,11 +46,11 @@ def params(preset: str) -> int:
 def points(paths: list) -> list[dict]:
     """(N, D, final validation loss) of each finished log. The unfinished ones that train.py names RUN_ID.running.txt
     (a run in progress) and RUN_ID.failed.txt are left out with a note: `logs/*.txt` matches them too."""
-    unfinished = [p for p in paths if Path(p).stem.endswith((".running", ".failed"))]
-    if unfinished:
-        print(f"left out {len(unfinished)} unfinished log(s): {', '.join(map(str, unfinished))}", file=sys.stderr)
+    left_out = [p for p in paths if unfinished(p)]
+    if left_out:
+        print(f"left out {len(left_out)} unfinished log(s): {', '.join(map(str, left_out))}", file=sys.stderr)
     rows = []
-    for path in (p for p in paths if p not in unfinished):
+    for path in (p for p in paths if not unfinished(p)):
         run = read_run(path)  # says what is wrong with a log that is not one, or a run that did not finish
         rows.append({"log": str(path), "params": params(run["meta"]["hyperparameters"]["preset"]),
                      "tokens": tokens_trained(run), "loss": run["final"]["valid_loss"]})
