@@ -15,7 +15,7 @@ python3 data/prepare.py --train .carry/data/sp2014_train.fasta.xz --valid .carry
     --test .carry/data/sp2014_test.fasta --name sp2014 --out data/sp2014 | tail -1
 rm -rf /tmp/gate && mkdir /tmp/gate && git ls-files -z | xargs -0 cp --parents -t /tmp/gate && cp -a .git /tmp/gate/ \
     && ln -s "$PWD/data/sp2014" /tmp/gate/data/sp2014 \
-    && (cd /tmp/gate && git apply logs_to_keep/attention_gate_1xH200/attn_gate.patch) || { echo "no patched copy"; exit 1; }
+    && (cd /tmp/gate && git apply "$OLDPWD/logs_to_keep/attention_gate_1xH200/attn_gate.patch") || { echo "no patched copy"; exit 1; }
 SHORT="--data data/sp2014 --tokens_per_rank 65536 --preset sprint --max_steps 700 --val_every 140"
 SHORT="$SHORT --target_val_loss 2.78"
 for seed in 0 1; do
