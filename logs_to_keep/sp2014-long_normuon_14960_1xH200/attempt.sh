@@ -2,15 +2,19 @@
 # Runs of the tree's train.py back to back, in a process session that outlives the device call that starts it
 # (setsid); progress and logs in /tmp/q. $RUNS: NAME:SEED items; NAME picks the flags below. Data are built first
 # from the FASTA (valid and test as .xz) and cluster files in .carry/data/. From the repo root:
-#   RUNS="short:0 short_normuon:0 long:0 long:1 long:2" setsid nohup bash .carry/attempt.sh > /dev/null 2>&1 < /dev/null &
+#   EXPECT=COMMIT RUNS="long:4" setsid nohup bash .carry/attempt.sh > /dev/null 2>&1 < /dev/null &
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 Q=/tmp/q; rm -rf $Q /tmp/snap; mkdir -p $Q /tmp/snap
 cp -a . /tmp/snap/ && cd /tmp/snap && rm -rf logs checkpoints
 exec > $Q/queue.txt 2>&1
 # Tracked files left out of the copy to keep it under the carry limit come back from git: the runs are HEAD's tree.
+# The machine's .git is the session's first checkout, so a commit made since is not HEAD there: $EXPECT (a commit,
+# optional) stops the queue unless it is.
 git checkout -q -- . && [ -z "$(git status --porcelain --untracked-files=no)" ] || { git status --short | head; \
     echo "the tree is not HEAD's"; touch $Q/done; exit 1; }
+[ -z "${EXPECT:-}" ] || [ "$(git rev-parse HEAD)" = "$(git rev-parse "$EXPECT^{commit}" 2>/dev/null)" ] || {
+    echo "HEAD here is $(git rev-parse --short HEAD), not $EXPECT"; touch $Q/done; exit 1; }
 date; nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; git log --oneline -1
 python3 -c "import lzma, shutil; [shutil.copyfileobj(lzma.open(f'.carry/data/sp2014_{s}.fasta.xz'), \
