@@ -37,8 +37,8 @@ TRACKS = {t.name: t for t in [
           "Swiss-Prot 2014 split by 50%-identity clusters; early learning (20 s of training)"),
     Track("sp2014-long", "data/sp2014", "python data/sp2014.py", SP2014_FINGERPRINT, 2.61, 1024,
           1870, 1, ("H100", "H200"), 65536,
-          "--preset sprint --max_steps 19800 --val_every 1870 --target_val_loss 2.61 --sample_by_cluster "
-          "--log_every 100 --mask_rate 0.25 --muon_weight_decay 0.005",
+          "--preset sprint --max_steps 14960 --val_every 1870 --target_val_loss 2.61 --sample_by_cluster "
+          "--log_every 100 --mask_rate 0.25 --muon_weight_decay 0.005 --normuon",
           "the sp2014 data to a useful model: 2.61, 0.29 nats under the letter-frequency baseline"),
     Track("omgprot50", "data/omgprot50", "python data/download_omgprot50.py", None, None, 1024,
           100, 8, ("H100", "H200"), 524288,
