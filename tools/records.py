@@ -468,14 +468,18 @@ def differences(hyperparameters: list[dict], sources: list[dict], ignore: set) -
 def labels(runs: list) -> list[str]:
     """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
     which the plotted runs differ, and each embedded source file that differs (as FILE@ the start of its sha256),
-    so the lever of an A/B is in its label, be it a flag or code, then the log's id."""
+    so the lever of an A/B is in its label, be it a flag or code, then the log's id. Runs of code versions that
+    differ in more than two files are told apart by one digest of those files (sources@), to keep the legend short."""
     hyperparameters = with_defaults([meta["hyperparameters"] for _, _, meta in runs])
     sources = [log_sources(log_text(path)) for path, _, _ in runs]
     differ, changed = differences(hyperparameters, sources, UNLABELLED)
-    digests = [{name: hashlib.sha256(body.encode()).hexdigest()[:6] for name, body in s.items()} for s in sources]
-    return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h.get(k)}" for k in differ)
-            + "".join(f" {name}@{d.get(name, 'none')}" for name in changed) + f" {path.stem[:8]}"
-            for (path, _, _), h, d in zip(runs, hyperparameters, digests)]
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:6]
+    if len(changed) > 2:
+        code = [f" sources@{digest(repr([(name, s.get(name)) for name in changed]))}" for s in sources]
+    else:
+        code = ["".join(f" {name}@{digest(s[name]) if name in s else 'none'}" for name in changed) for s in sources]
+    return [f"{h['preset']} {h['max_steps']:,} steps" + "".join(f" {k}={h.get(k)}" for k in differ) + c
+            + f" {path.stem[:8]}" for (path, _, _), h, c in zip(runs, hyperparameters, code)]
 
 
 def plot(paths: list, out: Path, width: int = 1400, height: int = 500) -> Path:
