@@ -468,8 +468,10 @@ def differences(hyperparameters: list[dict], sources: list[dict], ignore: set) -
 def labels(runs: list) -> list[str]:
     """A legend entry per (path, evaluations, run record): the preset, the step count, then each hyperparameter in
     which the plotted runs differ, and each embedded source file that differs (as FILE@ the start of its sha256),
-    so the lever of an A/B is in its label, be it a flag or code, then the log's id. Runs of code versions that
-    differ in more than two files are told apart by one digest of those files (sources@), to keep the legend short."""
+    so the lever of an A/B is in its label, be it a flag or code, then the log's id. Where the plotted runs differ
+    in more than two files in all (other code versions, not one lever), each run's code is one digest over those
+    files instead (sources@: of this plot's differing files, so the same code may read otherwise in another plot),
+    to keep the legend short."""
     hyperparameters = with_defaults([meta["hyperparameters"] for _, _, meta in runs])
     sources = [log_sources(log_text(path)) for path, _, _ in runs]
     differ, changed = differences(hyperparameters, sources, UNLABELLED)
