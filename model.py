@@ -55,7 +55,7 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "speedrun": ModelConfig(n_layer=24, d_model=768, n_head=6, d_mlp=2048),
     "sprint": ModelConfig(n_layer=6, d_model=512, n_head=4, d_mlp=2048),  # the sp2014 record model (19M)
-    "sprint8": ModelConfig(n_layer=8, d_model=512, n_head=4, d_mlp=2048),  # the next sp2014-long attempt (25M)
+    "sprint8": ModelConfig(n_layer=8, d_model=512, n_head=4, d_mlp=2048),  # sp2014-long attempts (25M)
     "esm2_8m": ModelConfig(n_layer=6, d_model=320, n_head=20, d_mlp=1280, n_value_embeds=2),
     "esm2_35m": ModelConfig(n_layer=12, d_model=480, n_head=20, d_mlp=1920),
     "esm2_150m": ModelConfig(n_layer=30, d_model=640, n_head=20, d_mlp=2560),
