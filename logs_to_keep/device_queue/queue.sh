@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs of the tree's train.py back to back, in a process session that outlives the device call that starts it
-# (setsid); progress and logs in /tmp/q. $RUNS: NAME:SEED items; NAME picks the flags below. Data are built first
-# from the FASTA (valid and test as .xz) and cluster files in .carry/data/. From the repo root:
-#   EXPECT=COMMIT RUNS="long:0" setsid nohup bash .carry/attempt.sh > /dev/null 2>&1 < /dev/null &
+# Runs an experiment's runs file (bash, sourced: `run NAME COMMAND...` lines, each command's output in
+# /tmp/q/NAME.out and its exit status in /tmp/q/queue.txt) from a snapshot of the tree, in a process session that
+# outlives the device call that starts it (setsid); /tmp/q/done when all have run. First it builds the sp2014 shards
+# (data/sp2014 of the snapshot) from the FASTA (valid and test as .xz) and cluster files in .carry/data/. From the
+# repo root, with this script and poll.sh (../sp2014-long_normuon_14960_1xH200/) copied to .carry/:
+#   EXPECT=COMMIT setsid nohup bash .carry/queue.sh RUNS_FILE > /dev/null 2>&1 < /dev/null &
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 Q=/tmp/q; rm -rf $Q /tmp/snap; mkdir -p $Q /tmp/snap
@@ -22,17 +24,11 @@ python3 -c "import lzma, shutil; [shutil.copyfileobj(lzma.open(f'.carry/data/sp2
 python3 data/prepare.py --train .carry/data/sp2014_train.fasta.xz --valid .carry/data/sp2014_valid.fasta \
     --test .carry/data/sp2014_test.fasta --name sp2014 --out data/sp2014 \
     --clusters .carry/data/sp2014_clusters.tsv.xz | tail -3
-LONG="--preset sprint8 --max_steps 10700 --val_every 1870 --target_val_loss 2.61 --sample_by_cluster --log_every 100 \
-    --mask_rate 0.25 --muon_weight_decay 0.005 --normuon"  # the record command with sprint8 and 10,700 steps
-for run in $RUNS; do
-    name=${run%%:*}; seed=${run##*:}
-    case $name in
-        long) flags=$LONG ;;
-        *) echo "unknown run $name"; continue ;;
-    esac
-    cmd="python3 train.py --data data/sp2014 --tokens_per_rank 65536 $flags --seed $seed --log_dir $Q/${name}_seed$seed"
-    echo "$(date +%T) $cmd"
-    eval "$cmd" > $Q/${name}_seed$seed.out 2>&1
-    rc=$?; echo "$(date +%T) $name seed $seed: exit $rc"  # $? read before $(date) resets it
-done
+run() {  # NAME COMMAND...
+    local name=$1; shift
+    echo "$(date +%T) $name: $*"
+    "$@" > $Q/$name.out 2>&1
+    local rc=$?; echo "$(date +%T) $name: exit $rc"  # $? read before $(date) resets it
+}
+source "$1"  # the snapshot's copy (paths from the repo root)
 echo "$(date +%T) queue done"; touch $Q/done
